@@ -1,0 +1,5 @@
+"""Shared test setup: quiet TF, deterministic seeds, tiny shapes."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -1,0 +1,1 @@
+"""TFRecord schema, splits, tf.data pipelines and joint augmentation."""

@@ -1,0 +1,119 @@
+"""What every dataset module declares: the facts of a public dataset and how to list its subjects.
+
+A dataset module in `tfseg/datasets/<name>.py` exposes `DATASET`, an instance of a `Dataset`
+subclass whose `list_subjects(data_dir)` walks the folder exactly as the challenge ships it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """One case to preprocess.
+
+    Attributes:
+      subject_id: unique id of the case, used as shard name (e.g. "patient001_ES").
+      patient_id: the patient it belongs to; splits are drawn over patient ids, never slices.
+      image_paths: one path per modality, in `Dataset.modalities` order. A path may be a DICOM
+        series folder. For multi-channel files (MSD 4D NIfTI) the same path may repeat, with
+        `channel_indices` telling which channel each modality is.
+      label_path: the label file, or None for an unlabeled case.
+      channel_indices: per modality, the channel to take from a multi-channel file (None: scalar).
+      extra: anything else worth recording (phase, frame number, domain…).
+    """
+
+    subject_id: str
+    patient_id: str
+    image_paths: tuple[str, ...]
+    label_path: str | None = None
+    channel_indices: tuple[int | None, ...] | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def labeled(self) -> bool:
+        return self.label_path is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Facts about a dataset. Subclasses implement `list_subjects`.
+
+    Attributes:
+      name: the `--dataset` key (module name).
+      modalities: channel names in order.
+      class_names: class index -> name; index 0 is background.
+      label_values: class index -> the value written in the dataset's label files (used to map
+        predictions back to the original label values).
+      label_map: raw file value -> class index. Values absent from it are an error. Defaults to
+        the inverse of `label_values`; a dataset merging classes (MSD pancreas) overrides it.
+      spatial_dims: 2 = processed as in-plane slices; 3 = processed as volumes and 3D patches.
+      target_spacing_xy: 2D datasets: in-plane spacing in mm after resampling (x, y).
+      crop_size_yx: 2D datasets: centre crop/pad size after resampling (rows, cols).
+      patch_size_zyx / patch_stride_zyx: 3D datasets: training patch size and grid stride.
+      min_foreground_fraction: 3D labeled patches are kept if their non-background fraction is
+        above this (reference code: 6000 / 32768).
+      intensity_window: CT: (low, high) HU clipped before percentile scaling; None for MR.
+      n4_shrink: shrink factor of the N4 fit (4 for 3D, 2 for 2D by default).
+      published_splits: split name -> {"labeled", "unlabeled", "val", "test"} patient-id lists.
+      default_split: the published split used when the user asks for none (may be None).
+      orientation_reliable: False where the header's direction cosines are untrustworthy
+        (Analyze); geometry checks then ignore direction.
+    """
+
+    name: str
+    modalities: tuple[str, ...]
+    class_names: tuple[str, ...]
+    label_values: tuple[int, ...]
+    spatial_dims: int
+    label_map: Mapping[int, int] | None = None
+    target_spacing_xy: tuple[float, float] | None = None
+    crop_size_yx: tuple[int, int] | None = None
+    patch_size_zyx: tuple[int, int, int] | None = None
+    patch_stride_zyx: tuple[int, int, int] | None = None
+    min_foreground_fraction: float = 0.0
+    intensity_window: tuple[float, float] | None = None
+    n4_shrink: int = 4
+    published_splits: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
+        default_factory=dict)
+    default_split: str | None = None
+    orientation_reliable: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.modalities)
+
+    def raw_to_class(self) -> dict[int, int]:
+        """Raw label value -> class index."""
+        if self.label_map is not None:
+            return dict(self.label_map)
+        return {int(v): i for i, v in enumerate(self.label_values)}
+
+    def prepare(self, data_dir: str | None) -> str:
+        """Returns the folder to read. Synthetic datasets generate themselves here.
+
+        Raises:
+          ValueError: if `data_dir` is required and missing.
+        """
+        if not data_dir:
+            raise ValueError(f"--data_dir is required for dataset {self.name!r}: point it at the "
+                             "folder as downloaded and unpacked.")
+        return data_dir
+
+    def list_subjects(self, data_dir: str, **options: Any) -> list[Subject]:
+        """Lists every subject found under `data_dir`, labeled and unlabeled.
+
+        Raises:
+          ValueError: naming the folder and the expected layout when it is empty or not this
+            dataset's layout.
+        """
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """Dataset-specific options that change which files are read (e.g. ACDC phase)."""
+        return {}
