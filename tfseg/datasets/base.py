@@ -60,6 +60,8 @@ class Dataset:
       default_split: the published split used when the user asks for none (may be None).
       orientation_reliable: False where the header's direction cosines are untrustworthy
         (Analyze); geometry checks then ignore direction.
+      n4_default: whether N4 bias correction applies by default (False for CT: N4 models an MR
+        receive-coil bias and would distort Hounsfield units).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Dataset:
         default_factory=dict)
     default_split: str | None = None
     orientation_reliable: bool = True
+    n4_default: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +107,19 @@ class Dataset:
             raise ValueError(f"--data_dir is required for dataset {self.name!r}: point it at the "
                              "folder as downloaded and unpacked.")
         return data_dir
+
+    def resolve(self, data_dir: str) -> "Dataset":
+        """Returns the dataset with the facts that depend on the data folder filled in.
+
+        Fixed public datasets return themselves; `folder` reads `dataset.json` and the image
+        headers there (modalities, classes, default spacing and crop). Call it on the folder
+        returned by `prepare` before using the facts.
+
+        Raises:
+          ValueError: naming the folder if the facts cannot be read from it.
+        """
+        del data_dir  # the facts of a public dataset do not depend on where it is stored
+        return self
 
     def list_subjects(self, data_dir: str, **options: Any) -> list[Subject]:
         """Lists every subject found under `data_dir`, labeled and unlabeled.

@@ -1,0 +1,415 @@
+"""Training orchestration: records → split → method → fit() per stage → best checkpoint → test.
+
+`run_training(TrainConfig)` is what `python -m launch.train` calls:
+1. creates the distribution strategy (first: multi-worker must precede any other TF op);
+2. preprocesses the dataset on first use (cached under `records_root` by a settings fingerprint);
+3. resolves the split (published name, split file, or `labeled` patients drawn with `split_seed`)
+   and saves it under `records_root/<dataset>/splits/<name>.json`;
+4. builds and compiles the method inside the strategy scope, writes `config.json`;
+5. runs each of `method.stages()` as one `fit()` (custom loop under multi-worker), one "epoch" per
+   validation round, selecting the checkpoint on the validation split only (never test);
+6. evaluates the selected segmentor on the test split (`tfseg.evaluate.evaluate_run`) and exports
+   it (`tfseg.export.export_run`).
+Re-running the same command resumes a killed run from its last validation round (every network,
+every optimizer and the best-validation bookkeeping); finished stages are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any, Mapping
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+import tfseg
+from tfseg import callbacks as cb
+from tfseg import distribute
+from tfseg.data import pipeline, schema
+from tfseg.data import splits as splits_lib
+from tfseg.datasets import get_dataset
+from tfseg.methods import DataSpec, get_method_module, resolve_config
+
+CONFIG_NAME = "config.json"
+MIXED_PRECISION = ("none", "bf16")
+# Settings that must match for a re-run to resume an existing run folder.
+_RESUME_KEYS = ("method", "method_config", "dataset", "dataset_options", "split", "data_spec",
+                "pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs (the flags of launch.train).
+
+    Attributes:
+      method / dataset: module names in tfseg.methods / tfseg.datasets.
+      dataset_options: e.g. {"phase": "ES"} for ACDC.
+      data_dir: raw data folder (None: synthetic datasets generate into their cache).
+      records_root: where preprocessed records and splits live.
+      records_dir: use this records folder (e.g. from `launch.preprocess --out_dir`) instead of
+        preprocessing on first use; its manifest must be of `dataset`.
+      run_dir: output folder; None = runs/<dataset>/<split name>/<method>/seed<seed>.
+      split: a published split name or a split JSON file; None = draw `labeled` patients (or the
+        dataset's default split when `labeled` is None too).
+      labeled / split_seed / num_val / num_test: the drawn split (tfseg.data.splits.draw_split).
+      steps / validation_every: None = the method's defaults.
+      seed: training seed (weights, pipeline, augmentation); None = split_seed.
+      distribute: "none" | "mirrored" | "multi_worker".
+      mixed_precision: "none" | "bf16" (mixed_bfloat16 compute, float32 variables and losses).
+      preset / overrides: method config preset name and "name=value" overrides.
+      n4: N4 bias-field correction in preprocessing (MR datasets).
+      preprocess_workers: parallel subjects during preprocessing on first use.
+      evaluate / export: run the test evaluation / the SavedModel export at the end.
+      verbose: Keras progress: 0 silent, 1 bar, 2 one line per round.
+      summary_every: steps between training scalars in TensorBoard.
+    """
+
+    method: str
+    dataset: str
+    dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_dir: str | None = None
+    records_root: str = "records"
+    records_dir: str | None = None
+    run_dir: str | None = None
+    split: str | None = None
+    labeled: int | None = None
+    split_seed: int = 0
+    num_val: int | None = None
+    num_test: int | None = None
+    steps: int | None = None
+    validation_every: int | None = None
+    seed: int | None = None
+    distribute: str = "none"
+    mixed_precision: str = "none"
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    n4: bool = True
+    preprocess_workers: int = 1
+    evaluate: bool = True
+    export: bool = True
+    verbose: int = 2
+    summary_every: int = 50
+
+    def __post_init__(self):
+        if self.distribute not in distribute.STRATEGIES:
+            raise ValueError(f"distribute={self.distribute!r}; choose one of "
+                             f"{list(distribute.STRATEGIES)}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of "
+                             f"{list(MIXED_PRECISION)}.")
+        for name in ("steps", "validation_every", "labeled"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "dataset_options", dict(self.dataset_options))
+
+    @property
+    def training_seed(self) -> int:
+        return self.split_seed if self.seed is None else self.seed
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Trains, selects on validation, evaluates on test and exports (see the module docstring).
+
+    Returns:
+      {"run_dir", "output_dir" (where this process wrote: run_dir, or a private folder on a
+       non-chief worker), "best_val_mean_dice", "best_step", "steps", "train_seconds",
+       "checkpoint_policy", "test": the evaluation summary or None, "export_path": str or None}.
+
+    Raises:
+      ValueError: for bad settings, data, split, or a run_dir holding a different run.
+      FloatingPointError: when a tracked loss becomes non-finite (nothing is exported).
+    """
+    strategy = distribute.make_strategy(config.distribute)
+    chief = distribute.is_chief(strategy)
+    module = get_method_module(config.method)
+    dataset = get_dataset(config.dataset, **config.dataset_options)
+    overrides = list(config.overrides)
+    overrides += [f"{k}={getattr(config, k)}" for k in ("steps", "validation_every")
+                  if getattr(config, k) is not None]
+    method_config = resolve_config(module, config.preset, overrides)
+    for field in ("steps", "validation_every"):
+        if not hasattr(method_config, field):
+            raise ValueError(f"Method {config.method!r}: its Config lacks {field!r}.")
+
+    # Multi-worker: the chief preprocesses while the others wait, so no two processes write
+    # (or clean up after) the same records folder.
+    if not chief:
+        distribute.barrier(strategy)
+    records_dir = _records(config, dataset)
+    if chief:
+        distribute.barrier(strategy)
+    manifest = pipeline.load_manifest(records_dir)
+    split = _split(config, dataset, manifest)
+    data_spec = DataSpec(**dataclasses.asdict(pipeline.dataset_facts(manifest)))
+    run_dir = config.run_dir or os.path.join("runs", config.dataset, split.name, config.method,
+                                             f"seed{config.training_seed}")
+    # Non-chief workers of a multi-worker run write to a private folder (TOOLCHAIN.md §9).
+    output_dir = run_dir if chief else tempfile.mkdtemp(prefix="tfseg_worker_")
+
+    keras.utils.set_random_seed(config.training_seed)
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.mixed_precision == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        with strategy.scope():
+            method = module.build(method_config, data_spec)
+            method.compile()
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    plans = cb.plan_stages(method.stages(), int(method.config.validation_every))
+    validator = _validator(records_dir, manifest, split, data_spec, method)
+    policy = "best_val" if validator is not None and plans and plans[-1].stage.select_best \
+        else "last"
+    run_config = _run_config(config, method, data_spec, split, records_dir, run_dir, policy,
+                             plans, strategy)
+    if chief:
+        _write_config(run_dir, run_config)
+
+    summary = _train_stages(config, method, strategy, plans, validator, split, records_dir,
+                            run_dir, output_dir, chief)
+    summary.update(run_dir=run_dir, output_dir=output_dir, checkpoint_policy=policy, test=None,
+                   export_path=None)
+    if chief and config.evaluate:
+        from tfseg.evaluate import evaluate_run
+        summary["test"] = evaluate_run(run_dir, "test")
+    if chief and config.export:
+        from tfseg.export import export_run
+        # Overwrite: a re-run re-selects the same checkpoint, and the export must match it.
+        summary["export_path"] = export_run(run_dir, overwrite=True)
+    return summary
+
+
+# --------------------------------------------------------------------------- setup helpers
+def _records(config: TrainConfig, dataset) -> str:
+    """Preprocesses on first use; returns the records folder."""
+    if config.records_dir is not None:
+        manifest = pipeline.load_manifest(config.records_dir)
+        if manifest.get("dataset") != config.dataset:
+            raise ValueError(f"Records {config.records_dir} are of dataset "
+                             f"{manifest.get('dataset')!r}, not {config.dataset!r}; pass the "
+                             "matching --dataset or another --records_dir.")
+        return config.records_dir
+    from preprocessing.config import PreprocessConfig
+    from preprocessing.runner import preprocess_dataset
+
+    return preprocess_dataset(dataset, config.data_dir, PreprocessConfig(n4=config.n4),
+                              records_root=config.records_root,
+                              workers=config.preprocess_workers,
+                              dataset_options=config.dataset_options)
+
+
+def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
+    published = path = None
+    if config.split is not None:
+        if config.labeled is not None:
+            raise ValueError(f"Choose the split with either --split={config.split} or "
+                             f"--labeled={config.labeled}, not both.")
+        is_file = config.split.endswith(".json") or os.path.sep in config.split
+        path, published = (config.split, None) if is_file else (None, config.split)
+    elif config.labeled is None:
+        published = dataset.default_split
+        if published is None:
+            raise ValueError(f"Dataset {config.dataset!r} has no default split: choose one with "
+                             "--labeled=N [--split_seed=K] or --split=NAME|FILE.json.")
+    split = splits_lib.resolve_split(
+        manifest, dataset, published=published, path=path, num_labeled=config.labeled,
+        seed=config.split_seed, num_val=config.num_val, num_test=config.num_test)
+    split_path = os.path.join(config.records_root, config.dataset, "splits", f"{split.name}.json")
+    if not os.path.isfile(split_path) or splits_lib.load_split(split_path) != split:
+        splits_lib.save_split(split, split_path)
+    return split
+
+
+def _validator(records_dir, manifest, split, data_spec: DataSpec, method) -> cb.Validator | None:
+    if not split.val:
+        logging.warning("The split has no validation patients: the last checkpoint is kept.")
+        return None
+    volumes = []
+    for subject_id in pipeline.subject_ids_for(manifest, split.val, labeled=True):
+        image, label = pipeline.load_subject(records_dir, subject_id, manifest)
+        volumes.append((subject_id, image, label))
+    patch = data_spec.example_shape if data_spec.spatial_dims == 3 else None
+    return cb.Validator(volumes, data_spec.num_classes, data_spec.spatial_dims,
+                        method.size_multiple, patch)
+
+
+def _git_commit() -> str:
+    folder = os.path.dirname(os.path.abspath(tfseg.__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=folder, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def _run_config(config, method, data_spec, split, records_dir, run_dir, policy, plans,
+                strategy) -> dict[str, Any]:
+    return {
+        "method": config.method, "method_config": dataclasses.asdict(method.config),
+        "preset": config.preset, "train": dataclasses.asdict(config),
+        "dataset": config.dataset, "dataset_options": dict(config.dataset_options),
+        "data_dir": config.data_dir, "records_dir": os.path.abspath(records_dir),
+        "split": split.to_dict(), "data_spec": dataclasses.asdict(data_spec),
+        "size_multiple": method.size_multiple, "run_dir": os.path.abspath(run_dir),
+        "pipeline": {"labeled_batch_size": method.labeled_batch_size,
+                     "unlabeled_batch_size": method.unlabeled_batch_size,
+                     "augment": method.pipeline_augment, "seed": config.training_seed},
+        "stages": [dict(dataclasses.asdict(p.stage), steps_per_round=p.steps_per_epoch)
+                   for p in plans],
+        "num_replicas": strategy.num_replicas_in_sync,
+        "git_commit": _git_commit(), "schema_version": schema.SCHEMA_VERSION,
+        "tfseg_version": tfseg.__version__, "keras_version": keras.__version__,
+        "tensorflow_version": tf.__version__, "checkpoint_policy": policy,
+    }
+
+
+def _write_config(run_dir: str, run_config: Mapping[str, Any]) -> None:
+    """Writes config.json; refuses to resume into a folder that holds a different run."""
+    path = os.path.join(run_dir, CONFIG_NAME)
+    new = json.loads(json.dumps(run_config, default=str))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        differs = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+        if differs:
+            raise ValueError(f"{run_dir} already holds a run with other settings (differs in: "
+                             f"{', '.join(differs)}). Use another --run_dir, or delete the folder "
+                             "to start over.")
+    cb.write_json_atomic(path, new)
+
+
+# --------------------------------------------------------------------------- the loop
+def _train_stages(config, method, strategy, plans, validator, split, records_dir, run_dir,
+                  output_dir, chief) -> dict[str, Any]:
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    out_checkpoints = os.path.join(output_dir, "checkpoints")
+    progress_path = os.path.join(checkpoints, "progress.json")
+    progress = {"completed": [], "best": {}}
+    if os.path.isfile(progress_path):
+        with open(progress_path, encoding="utf-8") as f:
+            progress = json.load(f)
+    state = cb.TrainingState(os.path.join(checkpoints, "backup"),
+                             os.path.join(out_checkpoints, "backup"))
+    train_log = cb.TrainLog(os.path.join(run_dir, "train_log.csv"))
+    tensorboard = os.path.join(output_dir, "tensorboard")
+    train_writer = tf.summary.create_file_writer(os.path.join(tensorboard, "train"))
+    validation_writer = tf.summary.create_file_writer(os.path.join(tensorboard, "validation"))
+    start = time.time()
+    best = cb.BestRecord()
+    for plan in plans:
+        stage_weights = os.path.join(checkpoints, "stages", plan.key + cb.WEIGHTS_SUFFIX)
+        if plan.key in progress["completed"] and os.path.isfile(stage_weights):
+            with strategy.scope():
+                method.load_weights(stage_weights)
+            best = cb.BestRecord(**progress["best"].get(plan.key, {}))
+            logging.info("Stage %s already finished; skipped.", plan.stage.name)
+            continue
+        logging.info("Stage %s (%d steps): %s", plan.stage.name, plan.stage.steps,
+                     plan.stage.description)
+        method.begin_stage(plan.stage)
+        method.make_train_function(force=True)
+        best = cb.BestRecord()
+        initial_epoch = plan.epoch_offset
+        with strategy.scope():
+            restored = state.restore(method, plan)
+        if restored is not None:
+            initial_epoch = int(restored["epoch"])
+            best = cb.BestRecord(float(restored["best_mean_dice"]), int(restored["best_step"]))
+            step = int(restored["step"])
+            logging.info("Resuming stage %s at step %d (seg_optimizer iterations %d).",
+                         plan.stage.name, step, int(method.seg_optimizer.iterations.numpy()))
+            train_log.truncate(step)
+            # Fresh random draws after a resume (the seed state is not part of the weights).
+            seed_state = method.seed_generator.state
+            seed_state.assign(tf.stack([seed_state[0] + step, tf.zeros_like(seed_state[0])]))
+            if best.step == step:
+                cb.save_best(method, output_dir)  # killed between resume state and best file
+            elif not chief and best.step >= 0:
+                # This worker's private folder is new: start from the chief's best checkpoint.
+                os.makedirs(os.path.join(output_dir, "checkpoints"), exist_ok=True)
+                shutil.copyfile(os.path.join(checkpoints, "best" + cb.WEIGHTS_SUFFIX),
+                                os.path.join(out_checkpoints, "best" + cb.WEIGHTS_SUFFIX))
+        else:
+            train_log.truncate(plan.step_offset)
+        callbacks = [
+            cb.StepMonitor(plan, train_writer, config.summary_every),
+            cb.RoundEnd(plan, validator=validator, class_names=method.data_spec.class_names,
+                        state=state, train_log=train_log, best=best, output_dir=output_dir,
+                        validation_writer=validation_writer, start_time=start),
+        ]
+        # No keras.callbacks.TensorBoard: its batch scalars use a per-fit() counter (restarting
+        # on resume and at every stage) and land in whatever default writer is active; the
+        # callbacks above log every tracked value against the global step instead.
+        try:
+            _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch,
+                       callbacks)
+        finally:
+            callbacks[0].close()  # leaves the default summary writer even when fit() raised
+        # Each worker reads its own copy: the chief may be renaming a newer file into its folder.
+        best_path = os.path.join(out_checkpoints, "best" + cb.WEIGHTS_SUFFIX)
+        if plan.stage.select_best and best.step >= 0 and os.path.isfile(best_path):
+            with strategy.scope():
+                method.load_weights(best_path)
+        if chief:
+            cb.save_weights_atomic(method, stage_weights)
+            progress["completed"].append(plan.key)
+            progress["best"][plan.key] = dataclasses.asdict(best)
+            cb.write_json_atomic(progress_path, progress)
+        state.clear(plan)
+    # The selected checkpoint (best of the last stage, or its last weights).
+    cb.save_best(method, output_dir)
+    train_writer.close()
+    validation_writer.close()
+    return {"best_val_mean_dice": best.mean_dice if best.step >= 0 else None,
+            "best_step": best.step if best.step >= 0 else None,
+            "steps": sum(p.stage.steps for p in plans), "train_seconds": time.time() - start}
+
+
+def _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch, callbacks):
+    """One stage: `fit()`, or the custom loop under multi-worker."""
+    labeled = method.labeled_batch_size
+    unlabeled = method.unlabeled_batch_size
+    replicas = strategy.num_replicas_in_sync
+    distribute.per_replica_batch(labeled, strategy, "labeled batch size")
+    if unlabeled:
+        distribute.per_replica_batch(unlabeled, strategy, "unlabeled batch size")
+    # A stage-dependent seed, shifted on resume, so a resumed stage does not replay its batches.
+    seed = config.training_seed * 1000 + plan.index * 100_003 + initial_epoch
+
+    def make_config(labeled_batch, unlabeled_batch, pipeline_seed):
+        # Methods without an unlabeled stream still get a small one (one image per replica,
+        # unused): the element structure is the same for every method.
+        return pipeline.PipelineConfig(
+            labeled_batch_size=labeled_batch, unlabeled_batch_size=unlabeled_batch,
+            augment=method.pipeline_augment, seed=pipeline_seed,
+            include_unlabeled=bool(unlabeled))
+
+    verbose = config.verbose
+    if distribute.is_multi_worker(strategy):
+        def dataset_fn(context: tf.distribute.InputContext):
+            per_replica = context.get_per_replica_batch_size
+            return pipeline.training_dataset(records_dir, split, make_config(
+                per_replica(labeled), per_replica(unlabeled) if unlabeled else 1,
+                seed + 7919 * context.input_pipeline_id))
+
+        distribute.fit_custom_loop(method, strategy, dataset_fn, initial_epoch=initial_epoch,
+                                   epochs=plan.end_epoch, steps_per_epoch=plan.steps_per_epoch,
+                                   callbacks=callbacks, verbose=verbose)
+        return
+    dataset = pipeline.training_dataset(records_dir, split, make_config(
+        labeled, unlabeled or replicas, seed))
+    method._initial_epoch = None  # fit() prefers it to initial_epoch; BackupAndRestore sets it
+    method.fit(dataset, steps_per_epoch=plan.steps_per_epoch, epochs=plan.end_epoch,
+               initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
