@@ -146,7 +146,8 @@ def dataset_facts(dataset: Dataset) -> dict[str, Any]:
             "spatial_dims": int(dataset.spatial_dims),
             "intensity_window": (list(dataset.intensity_window)
                                  if dataset.intensity_window is not None else None),
-            "orientation_reliable": bool(dataset.orientation_reliable)}
+            "orientation_reliable": bool(dataset.orientation_reliable),
+            "content_version": getattr(dataset, "content_version", None)}
 
 
 def fingerprint(dataset: Dataset, dataset_options: Mapping[str, Any] | None,

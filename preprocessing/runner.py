@@ -96,28 +96,16 @@ def read_subject(subject: Subject, dataset: Dataset
     return images, metas, label, label_meta
 
 
-def _deterministic(serialized: bytes) -> bytes:
-    """The same Example with its feature map serialised in key order.
-
-    Protobuf map order follows a per-process hash seed, so identical examples encoded in two
-    processes (workers, a resumed run) differ byte-wise and the shard sha256 would not identify
-    the content. Costs ~0.25 s for a 144×192×256×2 volume.
-    """
-    from tensorflow.core.example import example_pb2
-
-    return example_pb2.Example.FromString(serialized).SerializeToString(deterministic=True)
-
-
 def _examples(processed, subject_id: str):
     from tfseg.data.schema import encode_example  # lazy: TF only in the processes that write
 
     if processed.patch_corners is not None:  # 3D: the whole volume, one example
-        yield _deterministic(encode_example(processed.image, processed.label, subject_id, 0,
-                                            processed.patch_corners))
+        yield encode_example(processed.image, processed.label, subject_id, 0,
+                             processed.patch_corners)
         return
     for z in range(processed.image.shape[0]):  # 2D: one example per slice
         label = None if processed.label is None else processed.label[z]
-        yield _deterministic(encode_example(processed.image[z], label, subject_id, z))
+        yield encode_example(processed.image[z], label, subject_id, z)
 
 
 def _to_json(value: Any) -> Any:

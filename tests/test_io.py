@@ -1,5 +1,6 @@
 """tfseg.io: round trips for every format, multi-channel layouts, and the integrity checks."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -259,6 +260,26 @@ def test_check_finite():
     volume[1, 0, 0] = np.inf
     with pytest.raises(ValueError, match=r"scan.nii has 2 NaN or infinite voxels out of 24"):
         check_finite(volume, "scan.nii")
+
+
+@pytest.mark.parametrize("extension", [".nii", ".nii.gz", ".hdr", ".mha", ".nrrd"])
+def test_non_finite_voxels_are_reported_for_every_float_format(tmp_path, extension):
+    # ITK's NIfTI/Analyze reader would hand back 0 for these voxels without a word.
+    volume = np.ones((3, 4, 5), np.float32)
+    volume[1, 2, 3] = np.nan
+    volume[0, 0, 0] = -np.inf
+    path = str(tmp_path / f"scan{extension}")
+    sitk.WriteImage(sitk.GetImageFromArray(volume), path)
+    if extension in (".mha", ".nrrd"):  # kept by the reader: check_finite catches them
+        array, _ = read_image(path)
+        with pytest.raises(ValueError, match="has 2 NaN or infinite voxels"):
+            check_finite(array, path)
+    else:
+        with pytest.raises(ValueError, match=rf"scan{re.escape(extension)} has 2 NaN or infinite"):
+            read_image(path)
+    # Finite float and integer files of the same formats read fine.
+    sitk.WriteImage(sitk.GetImageFromArray(np.nan_to_num(volume, posinf=0, neginf=0)), path)
+    assert read_image(path)[0].shape == (3, 4, 5)
 
 
 def test_read_channels_errors(tmp_path):

@@ -136,6 +136,9 @@ def test_fingerprint_tracks_settings_options_and_facts():
     assert fingerprint(dataset, {"phase": "ED"}, PreprocessConfig()) != base
     assert fingerprint(dataclasses.replace(dataset, label_values=(0, 1, 2)), {},
                        PreprocessConfig()) != base
+    # A new generator version of a synthetic dataset never reuses older records.
+    assert fingerprint(dataclasses.replace(dataset, content_version=2), {},
+                       PreprocessConfig()) != base
     assert records_dir("records", "tiny", base) == os.path.join("records", "tiny", base)
 
 # ------------------------------------------------------------------------------- transforms
@@ -530,14 +533,15 @@ def _nan(path):
     _edit_voxels(path, (1, 5, 5), np.inf)
 
 
-# NIfTI cannot carry NaN through SimpleITK (its reader turns NaN/Inf into 0), so the non-finite
-# case uses MetaImage, which keeps them.
+# ITK's NIfTI reader silently turns NaN/Inf into 0; tfseg.io scans the raw NIfTI data to catch
+# them, MetaImage keeps them.
 @pytest.mark.parametrize("damage, target, message", [
     (_truncate, "image_1.nii.gz", "truncated|gzip|incomplete|ended"),
     (os.remove, "image_1.nii.gz", "does not exist"),
     (_shift_origin, "label.nii.gz", "does not share the voxel grid"),
     (_bad_label, "label.nii.gz", r"holds values \[7, 99\]"),
     (_nan, "image_0.mha", "NaN or infinite"),
+    (_nan, "image_0.nii.gz", "NaN or infinite"),
 ])
 def test_bad_subject_is_skipped_with_a_reason(tmp_path, damage, target, message):
     extension = ".mha" if target.endswith(".mha") else ".nii.gz"

@@ -72,6 +72,10 @@ def test_save_load_round_trip_is_atomic(tmp_path):
     assert os.listdir(path.parent) == ["mine.json"]  # no temporary file left behind
     assert splits.load_split(str(path)) == split
     assert json.loads(path.read_text())["labeled"] == list(split.labeled)
+    # Readable by the group and others like any file the user writes (not mkstemp's 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_load_names_unnamed_split_after_file(tmp_path):

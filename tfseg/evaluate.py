@@ -24,13 +24,13 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
 
+from tfseg._files import write_text_atomic
 from tfseg.io import ImageMeta, read_label, write_image
 
 __all__ = ["EvalSubject", "evaluate_run", "evaluate_volumes", "summarize", "summary_markdown",
@@ -280,10 +280,10 @@ def write_reports(out_dir: str, rows: Sequence[Mapping[str, Any]], summary: Mapp
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    _write_atomic(os.path.join(out_dir, "metrics.csv"), buffer.getvalue())
-    _write_atomic(os.path.join(out_dir, "summary.json"),
+    write_text_atomic(os.path.join(out_dir, "metrics.csv"), buffer.getvalue())
+    write_text_atomic(os.path.join(out_dir, "summary.json"),
                   json.dumps(_json_safe(summary), indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
+    write_text_atomic(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -326,20 +326,6 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {subject} | " + " | ".join(f"{record[n]['dice']:.3f}" for n in names)
                      + f" | {record['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def _json_safe(value):

@@ -90,7 +90,10 @@ def encode_example(image: np.ndarray, label: np.ndarray | None, subject_id: str,
     if patch_corners is not None:
         corners = np.asarray(patch_corners, dtype=np.int64).reshape(-1, 3)
         feature[PATCH_CORNERS] = _ints(corners.ravel())
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True: map entries in key order, so identical examples serialise to identical
+    # bytes in every process (the shard sha256 in the manifest identifies the content).
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized: tf.Tensor, spatial_dims: int, num_channels: int) -> dict[str, Any]:

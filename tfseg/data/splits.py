@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+from tfseg._files import write_text_atomic
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -109,17 +109,7 @@ def _check_disjoint(split: Split, where: str) -> None:
 
 def save_split(split: Split, path: str) -> None:
     """Writes `split` as JSON atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".split-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(split.to_json() + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, split.to_json() + "\n")
 
 
 def load_split(path: str) -> Split:
@@ -273,7 +263,7 @@ def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str |
                             ("num_labeled", num_labeled)) if v is not None]
     if len(given) != 1:
         raise ValueError("Choose the split with exactly one of a published name (--split=NAME), a "
-                         "split file (--split_file=PATH) or --labeled=N [--split_seed=K]; got "
+                         "split file (--split=PATH.json) or --labeled=N [--split_seed=K]; got "
                          f"{', '.join(given) or 'none'}.")
     labeled_pool, image_only = patient_pools(manifest)
     if published is not None:

@@ -88,7 +88,7 @@ class AcdcDataset(Dataset):
     # In-plane spacing and crop of the task-driven augmentation paper's code.
     target_spacing_xy: tuple[float, float] | None = (1.367516, 1.367516)
     crop_size_yx: tuple[int, int] | None = (224, 224)
-    n4_shrink: int = 2
+    n4_shrink: int = 4
     published_splits: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
         default_factory=lambda: PUBLISHED_SPLITS)
     default_split: str | None = "tr1_c1"

@@ -62,6 +62,8 @@ class Dataset:
         (Analyze); geometry checks then ignore direction.
       n4_default: whether N4 bias correction applies by default (False for CT: N4 models an MR
         receive-coil bias and would distort Hounsfield units).
+      content_version: generated datasets: the generator's version, part of the preprocessing
+        fingerprint so records of an older generation are never reused; None for real data.
     """
 
     name: str
@@ -82,6 +84,7 @@ class Dataset:
     default_split: str | None = None
     orientation_reliable: bool = True
     n4_default: bool = True
+    content_version: int | None = None
 
     @property
     def num_classes(self) -> int:

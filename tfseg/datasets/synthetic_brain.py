@@ -234,6 +234,7 @@ class SyntheticBrainDataset(ISegDataset):
     published_splits: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
         default_factory=lambda: PUBLISHED_SPLITS)
     default_split: str | None = "fewshot_n1"
+    content_version: int | None = GENERATOR_VERSION
     num_training: int = NUM_TRAINING
     num_testing: int = NUM_TESTING
 

@@ -423,9 +423,13 @@ class SyntheticCardiacDataset(AcdcDataset):
     name: str = "synthetic_cardiac"
     target_spacing_xy: tuple[float, float] | None = (1.8, 1.8)
     crop_size_yx: tuple[int, int] | None = (96, 96)
+    # The images are small (about 128×154 in-plane): a 4× shrunk N4 fit has too few voxels
+    # (bias-field correlation with the full-resolution fit 0.87), 2× keeps 0.98 at ~2 s/subject.
+    n4_shrink: int = 2
     published_splits: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
         default_factory=lambda: PUBLISHED_SPLITS)
     default_split: str | None = "tr1_c1"
+    content_version: int | None = GENERATOR_VERSION
     num_training: int = NUM_TRAINING
     num_testing: int = NUM_TESTING
 

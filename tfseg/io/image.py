@@ -144,6 +144,44 @@ def _check_nifti_data_size(path: str, reader: sitk.ImageFileReader, known: dict[
                           "bits per voxel): the file is truncated")
 
 
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "f4", 1792: "f8"}  # float32/64, complex64/128
+
+
+def _nifti_non_finite_count(path: str, reader: sitk.ImageFileReader) -> int:
+    """Counts NaN/Inf values in the raw data of a floating-point NIfTI / Analyze file.
+
+    ITK's NIfTI reader replaces NaN and Inf by 0 without a word, so a corrupted scan would pass
+    for a valid one; this reads the stored values (decompressing a .gz once more) to tell.
+    Returns 0 for integer data, which cannot hold non-finite values.
+    """
+    keys = set(reader.GetMetaDataKeys())
+    if not {"datatype", "vox_offset"} <= keys:
+        return 0
+    kind = _NIFTI_FLOAT_TYPES.get(int(reader.GetMetaData("datatype")))
+    if kind is None:
+        return 0
+    if _extension(path) in (".nii", ".nii.gz"):
+        header = data_file = path
+    else:
+        header, data_file = _nifti_pair(path)
+    opener = gzip.open if header.lower().endswith(".gz") else open
+    with opener(header, "rb") as stream:
+        sizeof_hdr = stream.read(4)
+    little = int.from_bytes(sizeof_hdr, "little") in (348, 540)
+    dtype = np.dtype(("<" if little else ">") + kind)
+    offset = int(float(reader.GetMetaData("vox_offset")))
+    opener = gzip.open if data_file.lower().endswith(".gz") else open
+    count = 0
+    chunk_bytes = dtype.itemsize * (1 << 20)
+    with opener(data_file, "rb") as stream:
+        stream.seek(offset)
+        while chunk := stream.read(chunk_bytes):
+            usable = len(chunk) - len(chunk) % dtype.itemsize
+            values = np.frombuffer(chunk[:usable], dtype=dtype)
+            count += int(values.size - np.count_nonzero(np.isfinite(values)))
+    return count
+
+
 def _check_metaimage_data_size(path: str, reader: sitk.ImageFileReader) -> None:
     """MetaImage: checks the data file holds what DimSize × ElementType declare.
 
@@ -255,6 +293,12 @@ def _read_sitk(path: str) -> sitk.Image:
                 _check_metaimage_data_size(path, reader)
             elif ext in _NIFTI_FAMILY + (".hdr.gz", ".img.gz"):
                 _check_nifti_data_size(path, reader, known_sizes)
+                non_finite = _nifti_non_finite_count(path, reader)
+                if non_finite:
+                    raise ValueError(
+                        f"Image {path} has {non_finite} NaN or infinite voxels; expected finite "
+                        "intensities. Re-export the scan or fix those voxels (e.g. set them to "
+                        "the background value).")
             return reader.Execute()
     except RuntimeError as error:
         raise _read_error(path, f"ITK could not read it ({_itk_reason(error)})") from None
