@@ -197,6 +197,12 @@ def test_supervised_rejects_bad_settings():
         supervised.resolve(supervised.Config(augment="elastic"), _spec(3))
 
 
+def test_supervised_default_augmentation_follows_the_dimensionality():
+    # The quick preset asks for "default": the task-driven paper's affine in 2D, none in 3D.
+    assert supervised.resolve(supervised.Config(augment="default"), _spec(2)).augment == "affine"
+    assert supervised.resolve(supervised.Config(augment="default"), _spec(3)).augment == "none"
+
+
 def test_supervised_splits_pipeline_augmentation_from_mixup():
     method = supervised.build(dataclasses.replace(
         supervised.Config(), filters=(4, 8), augment="affine+mixup"), _spec(2))

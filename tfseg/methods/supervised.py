@@ -43,7 +43,8 @@ class Config:
         norm "batch" | "instance" | "weight" | "none", upsampling "bilinear" | "transpose".
       loss: "ce" | "weighted_ce" | "dice" | "dice_ce".
       class_weights: per-class cross-entropy weights (weighted_ce, dice_ce); None = default.
-      augment: "none" or e.g. "affine+elastic", "intensity", "mixup", "affine+mixup".
+      augment: "none" or e.g. "affine+elastic", "intensity", "mixup", "affine+mixup";
+        "default" = `DEFAULT_AUGMENT` for the data's dimensionality (affine in 2D, none in 3D).
       mixup_alpha: Beta(α, α) parameter of mixup.
       learning_rate, beta_1, beta_2: Adam.
       batch_size: labeled examples per (global) batch.
@@ -74,8 +75,12 @@ PRESETS = {
     # steps without augmentation); the paper's affine augmentation lifts it to 0.51 at 800 steps.
     # `--set=augment=none` gives the paper's "no augmentation" row.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "steps": 800,
-              "validation_every": 100, "augment": "affine"},
+              "validation_every": 100, "augment": "default"},
 }
+
+# `augment="default"`: the conventional augmentation of the paper for the data's dimensionality.
+# 2D: the task-driven paper's affine augmentation; 3D: none (the few-shot GAN paper used none).
+DEFAULT_AUGMENT = {2: "affine", 3: "none"}
 
 _DEFAULTS = {
     2: {"norm": "batch", "activation": "relu", "pooling": "max", "upsampling": "bilinear",
@@ -104,6 +109,8 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     if config.loss == "weighted_ce":  # dice_ce keeps an unweighted CE unless weights are set
         values["class_weights"] = default_class_weights(data_spec)
     changes = {k: v for k, v in values.items() if getattr(config, k, None) is None}
+    if (config.augment or "").strip().lower() == "default":
+        changes["augment"] = DEFAULT_AUGMENT[data_spec.spatial_dims]
     config = dataclasses.replace(config, **changes)
     if config.loss not in losses.LOSS_NAMES:
         raise ValueError(f"supervised: loss={config.loss!r}; choose one of "
