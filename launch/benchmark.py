@@ -1,0 +1,134 @@
+"""Measure a method's speed on a dataset and print one JSON object.
+
+    python -m launch.benchmark --method=supervised --dataset=synthetic_cardiac
+    python -m launch.benchmark --method=supervised --dataset=synthetic_brain --mixed_precision=bf16
+    python -m launch.benchmark --method=supervised --dataset=acdc --data_dir=/data/ACDC \
+        --preset=quick --set=augment=affine --output=bench.json
+
+Train step (median over timed graph-mode steps after warm-up), the method's own training pipeline
+alone and their ratio (QUALITY.md: pipeline >= 5x the train step), whole-volume inference of one
+validation subject, preprocessing per subject with and without N4, the N4 shrink speed-up and its
+bias-field agreement, peak memory, parameter counts. See `tfseg.benchmark` for what each figure
+measures. Records are the ones `launch.train` uses (same cache under --records_root, created on
+first use); preprocessing is timed in a temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+from launch import _common
+
+PROGRAM = "launch.benchmark"
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+
+flags.DEFINE_string("method", None, "Method (module of tfseg/methods), e.g. supervised.", **_F)
+flags.DEFINE_string("dataset", None, "Dataset (module of tfseg/datasets), e.g. synthetic_cardiac, "
+                    "acdc.", **_F)
+flags.DEFINE_string("data_dir", None, "Raw data folder as downloaded (not needed for synthetic "
+                    "datasets).", **_F)
+flags.DEFINE_string("records_root", "records", "Folder of preprocessed records (shared with "
+                    "launch.train).", **_F)
+flags.DEFINE_string("records_dir", None, "Use this preprocessed records folder instead of "
+                    "preprocessing on first use.", **_F)
+flags.DEFINE_boolean("n4", True, "N4 in the records trained on (as launch.train --n4).", **_F)
+flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel when the records "
+                     "are made on first use.", **_F)
+flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
+flags.DEFINE_string("split", None, "A published split name or a split JSON file; default the "
+                    "dataset's default split.", **_F)
+flags.DEFINE_integer("labeled", None, "Draw a split with this many labeled patients.", **_F)
+flags.DEFINE_integer("split_seed", 0, "Seed of the drawn split.", **_F)
+flags.DEFINE_string("preset", None, "Named set of method settings, e.g. quick.", **_F)
+flags.DEFINE_multi_string("set", [], "Override a method setting: --set=name=value (repeatable).",
+                          **_F)
+flags.DEFINE_integer("batch_size", None, "Labeled batch size (the config's batch_size field).",
+                     **_F)
+flags.DEFINE_integer("steps", 20, "Timed train steps per stage.", **_F)
+flags.DEFINE_integer("warmup", 3, "Untimed train steps before timing (the first traces).", **_F)
+flags.DEFINE_integer("pipeline_batches", 50, "Timed batches of the pipeline alone.", **_F)
+flags.DEFINE_integer("pipeline_warmup", 10, "Untimed pipeline batches (cache, autotuning).", **_F)
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16"], "bf16: mixed_bfloat16 compute.",
+                  **_F)
+flags.DEFINE_integer("seed", 0, "Weights, pipeline and augmentation seed.", **_F)
+flags.DEFINE_integer("tile_batch", 4, "Inference: slices (2D) or tiles (3D) per network call.",
+                     **_F)
+flags.DEFINE_float("overlap", 0.5, "Inference: sliding-window overlap (3D).", **_F)
+flags.DEFINE_integer("inference_repeats", 3, "Timed whole-volume predictions (median reported).",
+                     **_F)
+flags.DEFINE_integer("n4_subjects", 2, "Subjects preprocessed (with and without N4) for the "
+                     "preprocessing timing; 0 skips it.", **_F)
+flags.DEFINE_string("n4_compare", "auto", "N4 full resolution vs shrunk: auto (whole image up to "
+                    "--n4_compare_max_voxels, else a centre crop), full, crop, none (also "
+                    "false).", **_F)
+flags.DEFINE_integer("n4_compare_max_voxels", 512_000, "Voxel budget of the full-resolution N4 "
+                     "comparison.", **_F)
+flags.DEFINE_integer("n4_levels", None, "N4 fitting levels of the timing and comparison "
+                     "(default: preprocessing's 4).", **_F)
+flags.DEFINE_integer("n4_iterations", None, "N4 iterations per level of the timing and "
+                     "comparison (default: preprocessing's 50).", **_F)
+flags.DEFINE_string("output", None, "Also write the JSON to this file.", **_F)
+
+_N4_COMPARE_ALIASES = {"false": "none", "no": "none", "0": "none", "off": "none",
+                       "true": "auto", "yes": "auto", "1": "auto", "on": "auto"}
+
+
+def main(argv) -> int:
+    _common.setup_environment()
+    _common.parse_flags(FLAGS, argv, PROGRAM)
+    # Cheap checks first: these imports do not load TensorFlow.
+    from tfseg.datasets import available_datasets
+    from tfseg.methods import available_methods
+
+    for flag, available in (("method", available_methods()), ("dataset", available_datasets())):
+        value = FLAGS[flag].value
+        if value is None:
+            _common.fail(PROGRAM, f"--{flag} is required. Available: {', '.join(available)}.")
+        if value not in available:
+            _common.fail(PROGRAM, f"unknown --{flag}={value}. Available: {', '.join(available)}.")
+    overrides = _common.parse_set(FLAGS.set, PROGRAM)
+    n4_compare = FLAGS.n4_compare.strip().lower()
+    n4_compare = _N4_COMPARE_ALIASES.get(n4_compare, n4_compare)
+
+    from tfseg.methods import get_method_module, resolve_config
+    try:
+        resolve_config(get_method_module(FLAGS.method), FLAGS.preset, overrides)
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error))
+
+    from tfseg import benchmark
+    try:
+        config = benchmark.BenchmarkConfig(
+            method=FLAGS.method, dataset=FLAGS.dataset,
+            dataset_options={"phase": FLAGS.phase} if FLAGS.phase else {},
+            data_dir=FLAGS.data_dir, records_root=FLAGS.records_root,
+            records_dir=FLAGS.records_dir, n4=FLAGS.n4,
+            preprocess_workers=FLAGS.preprocess_workers, split=FLAGS.split,
+            labeled=FLAGS.labeled, split_seed=FLAGS.split_seed, preset=FLAGS.preset,
+            overrides=overrides, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+            warmup=FLAGS.warmup, pipeline_batches=FLAGS.pipeline_batches,
+            pipeline_warmup=FLAGS.pipeline_warmup, mixed_precision=FLAGS.mixed_precision,
+            seed=FLAGS.seed, tile_batch=FLAGS.tile_batch, overlap=FLAGS.overlap,
+            inference_repeats=FLAGS.inference_repeats,
+            n4_subjects=FLAGS.n4_subjects, n4_compare=n4_compare,
+            n4_compare_max_voxels=FLAGS.n4_compare_max_voxels, n4_levels=FLAGS.n4_levels,
+            n4_iterations=FLAGS.n4_iterations)
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error))
+    try:
+        result = benchmark.run_benchmark(config)
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error), exit_code=1)
+    result = benchmark.rounded(result)
+    if FLAGS.output:
+        from tfseg.callbacks import write_json_atomic
+        write_json_atomic(FLAGS.output, result)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

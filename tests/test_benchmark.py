@@ -1,0 +1,200 @@
+"""launch.benchmark / tfseg.benchmark: the JSON it prints, on tiny networks, plus the pieces that
+need no training.
+
+3D: the real synthetic_brain (generated into the shared cache, preprocessed without N4 into a
+temporary records_root on first use, as tests/test_train_cli.py does). 2D: the tiny hand-made
+records of tests/test_train.py via --records_dir and a split file (16×16 slices, cheap), while
+the preprocessing timing reads the real synthetic_cardiac scans (the manifest names no data_dir).
+
+Speed is never asserted (QUALITY.md): only that every figure is there, positive, and consistent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from launch import benchmark as benchmark_cli
+from tfseg import benchmark
+from tfseg.io import ImageMeta
+from test_train import tiny_split_file, write_tiny_records
+
+# Tiny network, 2 timed steps, 1 subject, a light N4 (1 level × 3 iterations) on a small crop.
+TINY_ARGS = ("--set=filters=4,8", "--steps=2", "--warmup=1", "--pipeline_batches=4",
+             "--pipeline_warmup=1", "--inference_repeats=2", "--n4_subjects=1", "--n4_levels=1",
+             "--n4_iterations=3", "--n4_compare=crop", "--n4_compare_max_voxels=40000", "--non4")
+POSITIVE = ("train_examples_per_s", "train_step_s_median", "pipeline_examples_per_s",
+            "pipeline_to_train_ratio", "inference_s_per_volume", "preprocess_s_per_subject",
+            "preprocess_s_per_subject_no_n4", "n4_speedup", "peak_rss_mb")
+
+
+def _run(tmp_path, capsys, dataset, *extra):
+    output = tmp_path / "bench.json"
+    argv = ["launch.benchmark", "--method=supervised", f"--dataset={dataset}",
+            f"--records_root={tmp_path / 'records_root'}", f"--output={output}", *TINY_ARGS,
+            *extra]
+    assert benchmark_cli.main(argv) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1, "stdout must hold exactly one JSON object"
+    result = json.loads(out)
+    with open(output, encoding="utf-8") as f:
+        assert json.load(f) == result
+    return result
+
+
+def _check_common(result):
+    missing = [k for k in benchmark.REQUIRED_KEYS if k not in result]
+    assert not missing, missing
+    for key in POSITIVE:
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, \
+            (key, result[key])
+    # Consistent: ratio = pipeline / train, train = examples per step / median step time.
+    assert result["pipeline_to_train_ratio"] == pytest.approx(
+        result["pipeline_examples_per_s"] / result["train_examples_per_s"], rel=1e-3)
+    assert result["train_examples_per_s"] == pytest.approx(
+        result["examples_per_step"] / result["train_step_s_median"], rel=1e-3)
+    assert result["train_step_s_min"] <= result["train_step_s_median"] <= \
+        result["train_first_step_s"] + result["train_step_s_median"]
+    assert result["train_step_cpu_s_median"] > 0 and result["inference_cpu_s_per_volume"] > 0
+    assert result["inference_repeats"] == 2
+    assert 0 < result["inference_s_min"] <= result["inference_s_per_volume"]
+    assert -1.0 <= result["n4_field_correlation"] <= 1.0 and result["n4_note"] is None
+    assert result["n4_seconds_full"] > 0 and result["n4_seconds_shrunk"] > 0
+    assert result["n4_compare_mode"] == "crop"
+    assert int(np.prod(result["n4_compare_shape_zyx"])) <= 40000
+    assert result["preprocess_subjects"] and len(result["preprocess_subjects"]) == 1
+    assert result["peak_rss_mb"] > 100  # TensorFlow alone takes more
+    assert isinstance(result["params"], int) and result["params"] > 0
+    assert result["params_per_network"] == {"segmentor": result["params"]}
+    assert result["labeled_batch_size"] == result["examples_per_step"]
+    assert result["unlabeled_batch_size"] == 0  # supervised: no unlabeled stream is consumed
+    assert result["num_replicas"] == 1 and result["mixed_precision"] == "none"
+    assert re.fullmatch(r"2\.\d+\.\d+", result["tensorflow_version"])
+    assert re.fullmatch(r"3\.\d+\.\d+", result["keras_version"])
+    assert result["cpu_count"] >= 1
+    assert result["method"] == "supervised" and result["method_config"]["filters"] == [4, 8]
+
+
+def test_2d_synthetic_cardiac_with_two_stages(tmp_path, capsys, monkeypatch):
+    """The 2D paper U-Net's settings with tiny filters; the method gets a two-stage schedule so
+    the per-stage measurement (begin_stage, fresh train function) is exercised."""
+    from tfseg.methods import supervised
+    from tfseg.methods.base import Stage
+
+    begun = []
+    monkeypatch.setattr(supervised.Supervised, "stages", lambda self: [
+        Stage("pretrain", 50), Stage("skipped", 0), Stage("train", 100)])
+    monkeypatch.setattr(supervised.Supervised, "begin_stage",
+                        lambda self, stage: begun.append(stage.name))
+    records = write_tiny_records(str(tmp_path / "records"))
+    result = _run(tmp_path, capsys, "synthetic_cardiac", "--batch_size=3",
+                  f"--records_dir={records}", f"--split={tiny_split_file(str(tmp_path))}")
+    _check_common(result)
+    assert begun == ["pretrain", "train"]
+    assert set(result["stages"]) == {"pretrain", "train"} and result["main_stage"] == "train"
+    main = result["stages"]["train"]
+    for key in ("train_step_s_median", "train_examples_per_s", "pipeline_examples_per_s",
+                "pipeline_to_train_ratio"):
+        assert result[key] == main[key]
+        assert result["stages"]["pretrain"][key] > 0
+    assert main["steps_in_schedule"] == 100
+    assert result["spatial_dims"] == 2 and result["input_shape"] == [16, 16, 1]
+    assert result["labeled_batch_size"] == 3 and result["method_config"]["batch_size"] == 3
+    assert result["method_config"]["norm"] == "batch"  # the task-driven paper's 2D U-Net
+    assert result["inference_tile_zyx"] is None
+    assert result["inference_subject"] == "p03"  # the validation patient
+    assert result["inference_volume_shape"] == [4, 16, 16, 1]
+    assert result["split"] == "tiny" and result["records_dir"] == records
+    assert result["preprocess_subjects"] == ["patient001_ES"]  # the real scans, timed
+
+
+def test_3d_synthetic_brain(tmp_path, capsys):
+    result = _run(tmp_path, capsys, "synthetic_brain", "--set=batch_size=2")
+    _check_common(result)
+    assert result["records_dir"].startswith(str(tmp_path / "records_root" / "synthetic_brain"))
+    assert result["split"] == "fewshot_n1"  # the dataset's default split, as launch.train
+    assert list(result["stages"]) == ["train"] and result["main_stage"] == "train"
+    assert result["spatial_dims"] == 3 and result["input_shape"] == [32, 32, 32, 2]
+    assert result["method_config"]["norm"] == "weight"  # the few-shot GAN paper's U-Net
+    # One tile covering the whole 64×80×64 volume (the 128³ default shrunk to it).
+    assert result["inference_volume_shape"] == [64, 80, 64, 2]
+    assert result["inference_tile_zyx"] == [64, 80, 64]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method=nope", "--dataset=synthetic_cardiac"],
+     r"unknown --method=nope\. Available: .*supervised"),
+    (["--method=supervised", "--dataset=nope"], r"unknown --dataset=nope\. Available: "),
+    (["--dataset=synthetic_cardiac"], r"--method is required"),
+    (["--method=supervised", "--dataset=synthetic_cardiac", "--set=filterz=4"],
+     r"has no field 'filterz'"),
+    (["--method=supervised", "--dataset=synthetic_cardiac", "--n4_compare=maybe"],
+     r"n4_compare='maybe'; choose one of \['auto', 'full', 'crop', 'none'\]"),
+    (["--method=supervised", "--dataset=synthetic_cardiac", "--steps=0"], r"steps must be >= 1"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_cli.main(["launch.benchmark", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("launch.benchmark: error: ")
+    assert re.search(message, err), err
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_cli.main(["launch.benchmark", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("method", "dataset", "data_dir", "batch_size", "preset", "set", "steps",
+                 "warmup", "mixed_precision", "n4_subjects", "n4_compare", "records_root",
+                 "inference_repeats", "output"):
+        assert re.search(rf"--(\[no\])?{name}: ", out), name
+
+
+# --------------------------------------------------------------------------- pieces
+def test_n4_comparison_volume_crops_to_the_budget_and_moves_the_origin():
+    volume = np.arange(10 * 100 * 120, dtype=np.float32).reshape(10, 100, 120)
+    meta = ImageMeta((1.5, 2.0, 8.0), (10.0, 20.0, 30.0), tuple(np.eye(3).ravel()), (120, 100, 10))
+    same, same_meta, mode = benchmark.n4_comparison_volume(volume, meta, "auto", 10 ** 6)
+    assert mode == "full" and same is volume and same_meta == meta
+    crop, crop_meta, mode = benchmark.n4_comparison_volume(volume, meta, "auto", 30000)
+    assert mode == "crop"
+    # z (10 slices) is kept whole; y and x shrink by the same factor: sqrt(30000/120000) = 1/2.
+    assert crop.shape == (10, 50, 60) and crop_meta.size_xyz == (60, 50, 10)
+    assert crop[0, 0, 0] == volume[0, 25, 30]  # centre crop
+    assert crop_meta.origin_xyz == pytest.approx((10.0 + 30 * 1.5, 20.0 + 25 * 2.0, 30.0))
+    assert crop_meta.spacing_xyz == meta.spacing_xyz
+    full, _, mode = benchmark.n4_comparison_volume(volume, meta, "full", 10)
+    assert mode == "full" and full is volume
+
+
+def test_ct_dataset_reports_null_n4_figures_with_a_reason(monkeypatch):
+    """A dataset without N4 (CT): one timing, no N4 comparison, a reason instead."""
+    import preprocessing.config
+    from tfseg.datasets import get_dataset
+
+    monkeypatch.setattr(preprocessing.config, "dataset_uses_n4", lambda dataset: False)
+    config = benchmark.BenchmarkConfig(method="supervised", dataset="synthetic_brain",
+                                       n4_subjects=1)
+    out = benchmark._measure_preprocessing(config, get_dataset("synthetic_brain"), {})
+    assert out["n4_speedup"] is None and out["n4_field_correlation"] is None
+    assert out["preprocess_n4_s_per_subject"] is None
+    assert "not MR" in out["n4_note"]
+    assert out["preprocess_s_per_subject"] == out["preprocess_s_per_subject_no_n4"] > 0
+
+
+def test_network_parameters_lists_every_network():
+    import keras
+
+    class Two(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.segmentor = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+            self.teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+            self.optimizer_networks = {"seg_optimizer": (self.segmentor,)}
+
+    assert benchmark.network_parameters(Two()) == {"segmentor": 8, "teacher": 16}
