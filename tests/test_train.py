@@ -364,3 +364,16 @@ def test_multi_stage_methods_run_each_stage_once(tmp_path, records, monkeypatch)
     began.clear()
     train_lib.run_training(config)
     assert began == [] and _log_rows(config.run_dir) == rows
+
+
+def test_same_seed_gives_the_same_training_run(tmp_path, records):
+    # Paired studies and reproductions rely on it: same split, weights, batches and draws.
+    from tfseg.train import run_training
+
+    losses = []
+    for name in ("first", "second"):
+        config = train_config(tmp_path, records, run_dir=str(tmp_path / name),
+                              overrides=TINY + ("augment=affine",))
+        run_training(config)
+        losses.append([row["loss"] for row in _log_rows(str(tmp_path / name))])
+    assert losses[0] == losses[1] and len(losses[0]) == 2

@@ -1,0 +1,120 @@
+"""Label-efficiency study: every method × number of labeled subjects × repeat as one launch.train
+run, then the tables, paired Wilcoxon tests and plots (study.md, study.json, plots/).
+
+    python -m launch.study --dataset=synthetic_cardiac --methods=supervised,self_training \\
+        --labeled=1,3 --repeats=3 --preset=quick --non4 --out=studies/cardiac
+    python -m launch.study ... --set=filters=8,16,32,64 --set=supervised:augment=affine \\
+        --compare=self_training:task_aug
+
+Repeat k draws the labeled subjects with split seed --seed+k and trains with the same seed, for
+every method (paired comparisons). Re-running the same command skips finished runs and resumes the
+unfinished one; --aggregate_only rewrites the reports from the finished runs.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from launch import _common
+
+PROGRAM = "launch.study"
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+
+flags.DEFINE_string("dataset", None, "Dataset (module of tfseg/datasets), e.g. synthetic_cardiac.",
+                    **_F)
+flags.DEFINE_string("data_dir", None, "Raw data folder (not needed for synthetic datasets).", **_F)
+flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
+flags.DEFINE_list("methods", None, "Comma-separated methods, e.g. supervised,self_training.", **_F)
+flags.DEFINE_list("labeled", None, "Comma-separated numbers of labeled subjects, e.g. 1,3.", **_F)
+flags.DEFINE_integer("repeats", 3, "Labeled draws (and seeds) per number of labeled subjects.",
+                     **_F)
+flags.DEFINE_string("out", None, "Study folder: runs/, study.md, study.json, plots/.", **_F)
+flags.DEFINE_string("preset", None, "Method preset for every method, e.g. quick.", **_F)
+flags.DEFINE_multi_string("set", [], "Method setting: --set=name=value (every method that has "
+                          "it) or --set=method:name=value (repeatable).", **_F)
+flags.DEFINE_list("compare", [], "Extra method pairs to test, e.g. task_aug:mixmatch (each "
+                  "method is tested against --baseline anyway).", **_F)
+flags.DEFINE_string("baseline", "supervised", "Method every other method is tested against.",
+                    **_F)
+flags.DEFINE_integer("steps", None, "Training steps of every run (default: the method's).", **_F)
+flags.DEFINE_integer("validation_every", None, "Steps between validation rounds.", **_F)
+flags.DEFINE_integer("num_val", None, "Validation patients per draw (default: 10%).", **_F)
+flags.DEFINE_integer("num_test", None, "Test patients per draw (default: 25%).", **_F)
+flags.DEFINE_integer("seed", 0, "Base seed: repeat k uses split and training seed seed+k.", **_F)
+flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing (MR).", **_F)
+flags.DEFINE_string("records_root", "records", "Folder of preprocessed records and splits.", **_F)
+flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
+flags.DEFINE_boolean("export", False, "Export a SavedModel from every run.", **_F)
+flags.DEFINE_integer("min_pairs", 5, "Fewer (repeat, subject) pairs than this: the test is n/a.",
+                     **_F)
+flags.DEFINE_boolean("aggregate_only", False, "Only rewrite the reports from finished runs.",
+                     **_F)
+
+
+def main(argv) -> int:
+    _common.setup_environment()
+    _common.parse_flags(FLAGS, argv, PROGRAM)
+    # Cheap checks first: these imports do not load TensorFlow.
+    from tfseg.datasets import available_datasets
+    from tfseg.methods import available_methods
+
+    for flag in ("dataset", "methods", "labeled", "out"):
+        if not FLAGS[flag].value:
+            _common.fail(PROGRAM, f"--{flag} is required (see --help).")
+    if FLAGS.dataset not in available_datasets():
+        _common.fail(PROGRAM, f"unknown --dataset={FLAGS.dataset}. Available: "
+                              f"{', '.join(available_datasets())}.")
+    unknown = [m for m in FLAGS.methods if m not in available_methods()]
+    if unknown:
+        _common.fail(PROGRAM, f"unknown method(s) {', '.join(unknown)} in --methods. Available: "
+                              f"{', '.join(available_methods())}.")
+    try:
+        labeled = tuple(int(n) for n in FLAGS.labeled)
+    except ValueError:
+        _common.fail(PROGRAM, f"--labeled={','.join(FLAGS.labeled)}: expected integers, e.g. "
+                              "--labeled=1,3.")
+    compare = []
+    for item in FLAGS.compare:
+        pair = tuple(p.strip() for p in item.split(":"))
+        if len(pair) != 2:
+            _common.fail(PROGRAM, f"--compare={item}: expected method_a:method_b.")
+        compare.append(pair)
+    overrides = _common.parse_set(FLAGS.set, PROGRAM)
+
+    from tfseg import study
+    try:
+        config = study.StudyConfig(
+            dataset=FLAGS.dataset, methods=tuple(FLAGS.methods), labeled=labeled,
+            repeats=FLAGS.repeats, out_dir=FLAGS.out, data_dir=FLAGS.data_dir,
+            dataset_options={"phase": FLAGS.phase} if FLAGS.phase else {},
+            preset=FLAGS.preset, overrides=overrides, compare=tuple(compare),
+            baseline=FLAGS.baseline, steps=FLAGS.steps, validation_every=FLAGS.validation_every,
+            n4=FLAGS.n4, num_val=FLAGS.num_val, num_test=FLAGS.num_test,
+            records_root=FLAGS.records_root, preprocess_workers=FLAGS.preprocess_workers,
+            seed=FLAGS.seed, export=FLAGS.export, min_pairs=FLAGS.min_pairs)
+        per_method = study.check_config(config)  # names, preset, every --set: before any run
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error))
+    try:
+        if FLAGS.aggregate_only:
+            result = study.aggregate_study(config, study.plan_runs(config, per_method))
+        else:
+            result = study.run_study(config, progress=_print)
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error), exit_code=1)
+    except KeyboardInterrupt:
+        _common.fail(PROGRAM, "interrupted; re-run the same command to resume (finished runs "
+                              "are skipped).", exit_code=130)
+    _print(f"{result['num_complete']}/{result['num_runs']} runs finished; report: "
+           f"{FLAGS.out}/study.md")
+    return 0
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

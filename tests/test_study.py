@@ -1,0 +1,394 @@
+"""tfseg.study / launch.study: overrides, planning, aggregation and Wilcoxon tests on fabricated
+run folders (numbers recomputed here independently), resume, plots, errors; one real end-to-end
+study on synthetic_cardiac (slow: killed after its first run, then resumed)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from launch import study as study_cli
+from tfseg import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("rv", "myo", "lv")
+
+
+def _config(tmp_path, **changes):
+    values = dict(dataset="synthetic_cardiac", methods=("supervised", "self_training"),
+                  labeled=(1, 3), repeats=2, out_dir=str(tmp_path / "study"))
+    values.update(changes)
+    return study.StudyConfig(**values)
+
+
+def fabricate_run(config, spec, dice, hd95=None):
+    """Writes a finished run: metrics.csv, summary.json (test split) and the study request.
+
+    dice / hd95: {subject: [value per class]}.
+    """
+    os.makedirs(spec.run_dir, exist_ok=True)
+    hd95 = hd95 or {s: [10.0 + i for i in range(len(CLASSES))] for s in dice}
+    with open(os.path.join(spec.run_dir, "metrics.csv"), "w", newline="",
+              encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", "class", "dice", "iou", "hd95_mm", "asd_mm", "precision",
+                         "recall"])
+        for subject, values in dice.items():
+            for c, name in enumerate(CLASSES):
+                writer.writerow([subject, name, f"{values[c]:.6f}", "0.5",
+                                 f"{hd95[subject][c]:.6f}", "1.0", "0.5", "0.5"])
+    with open(os.path.join(spec.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"split": "test", "num_subjects": len(dice)}, f)
+    with open(os.path.join(spec.run_dir, study.REQUEST_NAME), "w", encoding="utf-8") as f:
+        json.dump({"request": spec.request(config), "seconds": 10.0}, f)
+
+
+# --------------------------------------------------------------------------- overrides and plan
+def test_split_overrides_global_and_per_method():
+    fields = {"supervised": ["filters", "augment", "steps"],
+              "self_training": ["filters", "augment", "steps", "rounds"]}
+    result = study.split_overrides(
+        ["filters=4,8", "rounds=3", "supervised:augment=affine", "self_training: steps = 5"],
+        fields)
+    assert result == {"supervised": ("filters=4,8", "augment=affine"),
+                      "self_training": ("filters=4,8", "rounds=3", "steps= 5")}
+    with pytest.raises(ValueError, match=r"none of the study's methods .* has a setting 'nope'"):
+        study.split_overrides(["nope=1"], fields)
+    with pytest.raises(ValueError, match=r"method 'task_aug' is not in the study"):
+        study.split_overrides(["task_aug:rounds=1"], fields)
+    with pytest.raises(ValueError, match="expected name=value or method:name=value"):
+        study.split_overrides(["filters"], fields)
+
+
+def test_plan_pairs_seeds_across_methods_and_builds_train_commands(tmp_path):
+    config = _config(tmp_path, seed=10, preset="quick", steps=4, n4=False, num_test=2)
+    specs = study.plan_runs(config, {"supervised": ("augment=affine",), "self_training": ()})
+    assert [(s.labeled, s.repeat, s.method) for s in specs] == [
+        (1, 0, "supervised"), (1, 0, "self_training"), (1, 1, "supervised"),
+        (1, 1, "self_training"), (3, 0, "supervised"), (3, 0, "self_training"),
+        (3, 1, "supervised"), (3, 1, "self_training")]
+    assert [s.seed for s in specs] == [10, 10, 11, 11, 10, 10, 11, 11]
+    assert specs[2].run_dir == os.path.join(config.out_dir, "runs", "supervised", "l1", "r1")
+    argv = specs[2].train_argv(config)
+    assert argv[:3] == [sys.executable, "-m", "launch.train"]
+    for flag in ("--method=supervised", "--labeled=1", "--split_seed=11", "--seed=11",
+                 "--non4", "--noexport", "--preset=quick", "--steps=4", "--num_test=2",
+                 "--set=augment=affine", f"--run_dir={os.path.abspath(specs[2].run_dir)}"):
+        assert flag in argv, flag
+    assert not any(a.startswith("--set") for a in specs[3].train_argv(config))
+
+
+def test_check_config_rejects_unknown_names_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown method\(s\) 'nope'.*Available: .*supervised"):
+        study.check_config(_config(tmp_path, methods=("supervised", "nope")))
+    with pytest.raises(ValueError, match=r"Unknown dataset 'nope'.*synthetic_cardiac"):
+        study.check_config(_config(tmp_path, dataset="nope"))
+    with pytest.raises(ValueError, match=r"Method 'supervised': Unknown preset 'fast'"):
+        study.check_config(_config(tmp_path, preset="fast"))
+    with pytest.raises(ValueError, match=r"Method 'supervised'.*no field 'rounds'"):
+        study.check_config(_config(tmp_path, overrides=("supervised:rounds=2",)))
+    with pytest.raises(ValueError, match=r"rounds.*expected an integer"):
+        study.check_config(_config(tmp_path, overrides=("rounds=two",)))
+    assert study.check_config(_config(tmp_path, overrides=("rounds=1", "filters=4,8"))) == {
+        "supervised": ("filters=4,8",), "self_training": ("rounds=1", "filters=4,8")}
+    for bad, message in ((dict(labeled=(0,)), "labeled"), (dict(repeats=0), "repeats"),
+                         (dict(methods=("supervised", "supervised")), "twice"),
+                         (dict(compare=(("supervised", "task_aug"),)), "--compare pair")):
+        with pytest.raises(ValueError, match=message):
+            _config(tmp_path, **bad)
+
+
+# --------------------------------------------------------------------------- aggregation
+def _fabricated_study(tmp_path):
+    """3 methods, budgets 1 and 3, 3 repeats, 6 test subjects per repeat (overlapping between
+    repeats, so the pairing key must include the repeat). Returns (config, dice values)."""
+    config = _config(tmp_path, methods=("supervised", "self_training", "task_aug"),
+                     repeats=3, compare=(("task_aug", "self_training"),))
+    rng = np.random.default_rng(0)
+    dice = {}
+    for spec in study.plan_runs(config, {}):
+        subjects = [f"s{spec.repeat + i}" for i in range(6)]
+        key = (spec.labeled, spec.repeat)
+        if spec.method == "supervised":
+            dice[("supervised", *key)] = {s: rng.uniform(0.3, 0.7, 3) for s in subjects}
+        elif spec.method == "self_training":
+            base = dice[("supervised", *key)]
+            # budget 3: identical to supervised (all differences zero); budget 1: better.
+            dice[("self_training", *key)] = (
+                {s: v.copy() for s, v in base.items()} if spec.labeled == 3 else
+                {s: v + rng.uniform(-0.02, 0.08, 3) for s, v in base.items()})
+        elif spec.repeat == 0:  # task_aug: only repeat 0 finished (6 pairs at most)
+            dice[("task_aug", *key)] = {s: rng.uniform(0.2, 0.9, 3) for s in subjects[:4]}
+        else:
+            continue
+        fabricate_run(config, spec, dice[(spec.method, *key)])
+    return config, dice
+
+
+def _pooled(dice, method, labeled, class_index, repeats=3):
+    """{(repeat, subject): value} rebuilt from the fabricated numbers."""
+    out = {}
+    for repeat in range(repeats):
+        for subject, values in dice.get((method, labeled, repeat), {}).items():
+            value = (np.mean([round(v, 6) for v in values]) if class_index is None
+                     else round(values[class_index], 6))
+            out[(repeat, subject)] = value
+    return out
+
+
+def test_aggregation_and_wilcoxon_match_an_independent_computation(tmp_path):
+    config, dice = _fabricated_study(tmp_path)
+    result = study.aggregate_study(config, study.plan_runs(config, {}))
+    assert result["classes"] == [*CLASSES, "mean"]
+    assert result["num_runs"] == 18 and result["num_complete"] == 14
+    assert result["total_seconds"] == pytest.approx(140.0)
+    for method, labeled in (("supervised", 1), ("self_training", 3), ("task_aug", 1)):
+        for index, name in [*enumerate(CLASSES), (None, "mean")]:
+            values = np.array(list(_pooled(dice, method, labeled, index).values()))
+            cell = result["results"][method][str(labeled)][name]["dice"]
+            assert cell["n"] == len(values)
+            assert cell["mean"] == pytest.approx(values.mean(), abs=1e-9)
+            assert cell["std"] == pytest.approx(values.std(ddof=0), abs=1e-9)
+            assert cell["median"] == pytest.approx(np.median(values), abs=1e-9)
+    tests = {(t["a"], t["b"], t["labeled"], t["class"]): t for t in result["comparisons"]
+             if t["metric"] == "dice"}
+    # each method against supervised, then the named pair; no other pair.
+    assert {k[:2] for k in tests} == {("self_training", "supervised"),
+                                      ("task_aug", "supervised"),
+                                      ("task_aug", "self_training")}
+    for index, name in [*enumerate(CLASSES), (None, "mean")]:
+        a = _pooled(dice, "self_training", 1, index)
+        b = _pooled(dice, "supervised", 1, index)
+        keys = sorted(a)  # 3 repeats × 6 subjects; s2 appears in all three repeats
+        assert len(keys) == 18
+        expected = stats.wilcoxon([a[k] for k in keys], [b[k] for k in keys])
+        test = tests[("self_training", "supervised", 1, name)]
+        assert test["n_pairs"] == 18
+        assert test["p_value"] == pytest.approx(expected.pvalue, rel=1e-9)
+        assert test["statistic"] == pytest.approx(expected.statistic)
+        assert test["a_better"] == sum(a[k] > b[k] for k in keys)
+        # degenerate: identical results at budget 3
+        zero = tests[("self_training", "supervised", 3, name)]
+        assert zero["p_value"] is None and zero["note"] == "n/a: all differences are zero"
+        # too few pairs: task_aug has 4 subjects of repeat 0 only
+        few = tests[("task_aug", "supervised", 1, name)]
+        assert few["n_pairs"] == 4 and few["p_value"] is None
+        assert few["note"] == "n/a: 4 pairs, fewer than the 5 required"
+    # with min_pairs lowered the same pairs get a p-value, again equal to scipy's
+    result = study.aggregate_study(
+        dataclasses.replace(config, min_pairs=3), study.plan_runs(config, {}))
+    a, b = _pooled(dice, "task_aug", 1, 0), _pooled(dice, "supervised", 1, 0)
+    keys = sorted(set(a) & set(b))
+    [few] = [t for t in result["comparisons"] if (t["a"], t["b"], t["labeled"], t["class"],
+                                                  t["metric"]) == ("task_aug", "supervised", 1,
+                                                                   "rv", "dice")]
+    assert few["p_value"] == pytest.approx(
+        stats.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue, rel=1e-9)
+
+
+def test_reports_and_plots_are_written(tmp_path):
+    config, _ = _fabricated_study(tmp_path)
+    result = study.aggregate_study(config, study.plan_runs(config, {}))
+    out = config.out_dir
+    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
+        assert json.load(f)["num_complete"] == result["num_complete"]
+    with open(os.path.join(out, "study.md"), encoding="utf-8") as f:
+        markdown = f.read()
+    assert result["plots"]["label_efficiency"] == os.path.join("plots", "label_efficiency.png")
+    paths = [result["plots"]["label_efficiency"], *result["plots"]["boxplots"].values()]
+    assert len(paths) == 3
+    for path in paths:
+        assert f"]({path})" in markdown
+        with open(os.path.join(out, path), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    cell = result["results"]["supervised"]["1"]["rv"]["dice"]
+    assert f"| supervised | 18 | {cell['mean']:.3f} ± {cell['std']:.3f} ({cell['median']:.3f})" \
+        in markdown
+    p = [t for t in result["comparisons"] if t["metric"] == "dice" and t["labeled"] == 1
+         and t["class"] == "mean" and t["a"] == "self_training"][0]["p_value"]
+    assert f"| self_training vs supervised | 1 | mean | 18 |" in markdown
+    assert f"{p:.4g} |" in markdown
+    assert "n/a: all differences are zero" in markdown
+    assert "(repeat, test subject)" in markdown
+    assert "| task_aug | 3 | 1 | 1 | no | — |" in markdown  # unfinished run listed
+
+
+# --------------------------------------------------------------------------- running and resume
+def _fake_runner(config, calls, fail_on=None):
+    """Stands in for launch.train: records the call and writes a finished run."""
+    specs = {os.path.abspath(s.run_dir): s for s in study.plan_runs(config, {})}
+
+    def runner(argv, log_path):
+        run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_dir="))
+        calls.append(run_dir)
+        spec = specs[run_dir]
+        if fail_on == (spec.method, spec.labeled, spec.repeat):
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write("Traceback...\nlaunch.train: error: the split is too small.\n")
+            return 1
+        fabricate_run(config, spec, {f"s{i}": [0.5, 0.6, 0.7] for i in range(3)})
+        return 0
+
+    return runner
+
+
+def test_interrupted_study_resumes_skipping_finished_runs(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=2)
+    specs = study.plan_runs(config, {"supervised": (), "self_training": ()})
+    fabricate_run(config, specs[0], {"s0": [0.1, 0.2, 0.3]})
+    fabricate_run(config, specs[2], {"s0": [0.1, 0.2, 0.3]})
+    # An unfinished run (killed mid-training): request written, no summary -> run again.
+    os.makedirs(specs[1].run_dir)
+    with open(os.path.join(specs[1].run_dir, study.REQUEST_NAME), "w", encoding="utf-8") as f:
+        json.dump({"request": specs[1].request(config), "seconds": 5.0}, f)
+    calls, lines = [], []
+    result = study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append)
+    assert calls == [os.path.abspath(specs[1].run_dir), os.path.abspath(specs[3].run_dir)]
+    assert "2 already finished, 2 to run" in lines[0]
+    assert re.match(r"\[1/2\] self_training l1 r0: test mean Dice 0\.6000 in \d+ s; elapsed "
+                    r"\d:\d\d:\d\d, ETA \d:\d\d:\d\d$", lines[1])
+    assert lines[2].startswith("[2/2] self_training l1 r1") and lines[2].endswith("ETA 0:00:00")
+    assert result["num_complete"] == 4
+    with open(os.path.join(specs[1].run_dir, study.REQUEST_NAME), encoding="utf-8") as f:
+        assert json.load(f)["seconds"] >= 5.0  # time of the interrupted attempt kept
+    calls.clear()
+    study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append)
+    assert calls == []  # everything finished: nothing re-run
+
+
+def test_changed_settings_and_failed_runs_are_reported(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=1)
+    calls = []
+    message = (r"Run self_training l1 r0 failed \(exit code 1\): error: the split is too "
+               r"small\.; see .*self_training/l1/r0/study_train.log")
+    with pytest.raises(ValueError, match=message):
+        study.run_study(config, runner=_fake_runner(config, calls,
+                                                    fail_on=("self_training", 1, 0)),
+                        progress=lambda line: None)
+    assert len(calls) == 2
+    changed = _config(tmp_path, labeled=(1,), repeats=1, overrides=("filters=4,8",))
+    calls.clear()
+    with pytest.raises(ValueError, match=r"runs/supervised/l1/r0 holds a run made with other "
+                                         r"settings \(differs in: overrides\)"):
+        study.run_study(changed, runner=_fake_runner(changed, calls), progress=lambda l: None)
+    assert calls == []  # refused before anything ran
+
+
+def test_subprocess_runner_logs_and_returns_the_exit_code(tmp_path):
+    log = str(tmp_path / "run" / "log.txt")
+    assert study.subprocess_runner([sys.executable, "-c", "print('hello'); import sys; "
+                                    "sys.exit(3)"], log) == 3
+    with open(log, encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("# ") and "hello" in text
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_errors_before_anything_runs(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    cases = [
+        (["--dataset=synthetic_cardiac", "--methods=supervised,nope", "--labeled=1"],
+         r"unknown method\(s\) nope in --methods\. Available: .*supervised"),
+        (["--dataset=nope", "--methods=supervised", "--labeled=1"], r"unknown --dataset=nope"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=x"],
+         "expected integers"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1", "--set=zzz=1"],
+         "has a setting 'zzz'"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--preset=fast"], "Unknown preset 'fast'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            study_cli.main(["launch.study", *args, f"--out={out}"])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), args
+    assert not os.path.exists(out)
+
+
+def test_cli_aggregate_only(tmp_path, capsys):
+    config = _config(tmp_path, labeled=(1,), repeats=1)
+    for spec in study.plan_runs(config, {"supervised": (), "self_training": ()}):
+        fabricate_run(config, spec, {"s0": [0.5, 0.5, 0.5]})
+    assert study_cli.main(["launch.study", "--dataset=synthetic_cardiac",
+                           "--methods=supervised,self_training", "--labeled=1", "--repeats=1",
+                           f"--out={config.out_dir}", "--aggregate_only"]) == 0
+    assert "2/2 runs finished" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(config.out_dir, "study.md"))
+
+
+# --------------------------------------------------------------------------- end to end
+def _pids_with(text):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_synthetic_study_killed_then_resumed(tmp_path, capsys):
+    """A real study (2 methods × 1 budget × 2 repeats, tiny networks): SIGKILL the study while
+    its second run trains (the training child dies with it), then the same command skips the
+    finished run, resumes the killed one and writes the report (about 3 minutes)."""
+    out = tmp_path / "study"
+    args = ["--dataset=synthetic_cardiac", "--methods=supervised,self_training", "--labeled=1",
+            "--repeats=2", "--preset=quick", "--steps=4", "--validation_every=2",
+            "--set=filters=4,8", "--set=batch_size=4", "--set=self_training:round_steps=2",
+            "--set=self_training:rounds=1", "--num_val=1", "--num_test=3", "--non4",
+            "--min_pairs=3", f"--records_root={tmp_path / 'records'}", f"--out={out}"]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    first = subprocess.Popen([sys.executable, "-m", "launch.study", *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    second_run = out / "runs" / "self_training" / "l1" / "r0"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        if (second_run / "study_run.json").is_file():
+            break
+        time.sleep(0.2)
+    time.sleep(3)
+    first.send_signal(signal.SIGKILL)
+    stdout, _ = first.communicate()
+    assert first.returncode == -signal.SIGKILL, stdout
+    assert "[1/4] supervised l1 r0: test mean Dice" in stdout
+    time.sleep(1)
+    assert _pids_with(f"--run_dir={second_run}") == []  # the training child died too
+
+    assert study_cli.main(["launch.study", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "1 already finished, 3 to run" in printed and "[3/3]" in printed
+    with open(out / "study.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result["num_complete"] == 4 and result["classes"] == ["rv", "myocardium", "lv",
+                                                                   "mean"]
+    # The p-values recomputed from the runs' metrics.csv, paired on (repeat, subject).
+    values = {}
+    for run in result["runs"]:
+        with open(out / run["run_dir"] / "metrics.csv", newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["class"] == "lv":
+                    values.setdefault(run["method"], {})[(run["repeat"], row["subject"])] = \
+                        float(row["dice"])
+    keys = sorted(values["supervised"])
+    assert len(keys) == 6 and sorted(values["self_training"]) == keys
+    [test] = [t for t in result["comparisons"] if t["class"] == "lv" and t["metric"] == "dice"]
+    a = [values["self_training"][k] for k in keys]
+    b = [values["supervised"][k] for k in keys]
+    if np.any(np.array(a) != np.array(b)):
+        assert test["p_value"] == pytest.approx(stats.wilcoxon(a, b).pvalue, rel=1e-9)
+    with open(out / "study.md", encoding="utf-8") as f:
+        assert "![Dice vs labeled subjects](plots/label_efficiency.png)" in f.read()
+    assert (out / "plots" / "boxplot_l1.png").is_file()
