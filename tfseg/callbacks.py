@@ -315,8 +315,9 @@ def save_best(model: keras.Model, output_dir: str) -> None:
 
 class StepMonitor(keras.callbacks.Callback):
     """Per step: stops on a non-finite tracked value; every `log_every` steps, writes the tracked
-    values and learning rates to TensorBoard. During training the train writer is the default
-    writer, so `tf.summary` calls inside a `train_step` are recorded (TOOLCHAIN.md §8)."""
+    values, learning rates and the method's `summary_images()` (if it has one) to TensorBoard.
+    During training the train writer is the default writer, so `tf.summary` calls inside a
+    `train_step` are recorded (TOOLCHAIN.md §8)."""
 
     def __init__(self, plan: StagePlan, train_writer, log_every: int = 50):
         super().__init__()
@@ -350,3 +351,8 @@ class StepMonitor(keras.callbacks.Callback):
                 for name, optimizer in self.model.optimizers().items():
                     tf.summary.scalar(f"learning_rate/{name}",
                                       float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+                # Optional method hook: {name: (N, H, W, 1|3) float images in [0, 1]}.
+                summary_images = getattr(self.model, "summary_images", None)
+                if callable(summary_images):
+                    for name, images in summary_images().items():
+                        tf.summary.image(f"train/{name}", images, max_outputs=len(images))
