@@ -242,14 +242,17 @@ def test_multi_worker_two_local_workers_end_identical(tmp_path):
         env=_env(TF_CONFIG=json.dumps({"cluster": cluster,
                                        "task": {"type": "worker", "index": i}})),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    try:
+        # Wait for both before judging either: the chief may finish a moment before the other.
+        for worker in workers:
+            results.append(worker.communicate(timeout=300))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
     outputs = []
-    for worker in workers:
-        try:
-            stdout, stderr = worker.communicate(timeout=300)
-        finally:
-            for w in workers:
-                if w.poll() is None:
-                    w.kill()
+    for worker, (stdout, stderr) in zip(workers, results):
         assert worker.returncode == 0, stderr[-3000:]
         outputs.append(json.loads(stdout.strip().splitlines()[-1]))
     chief, other = outputs
