@@ -60,6 +60,7 @@ import tensorflow as tf
 from absl import logging
 
 import tfseg
+from tfseg import train as train_lib
 from tfseg.data import pipeline
 from tfseg.data import splits as splits_lib
 from tfseg.datasets import get_dataset
@@ -176,7 +177,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     dataset = get_dataset(config.dataset, **config.dataset_options)
     method_config = resolve_config(module, config.preset, _overrides(module, config))
 
-    records_dir = _records(config, dataset)
+    records_dir = train_lib.resolve_records(config, dataset)
     manifest = pipeline.load_manifest(records_dir)
     split = _split(config, dataset, manifest)
     data_spec = DataSpec(**dataclasses.asdict(pipeline.dataset_facts(manifest)))
@@ -261,34 +262,10 @@ def _overrides(module, config: BenchmarkConfig) -> list[str]:
     return overrides
 
 
-def _records(config: BenchmarkConfig, dataset) -> str:
-    """The records `launch.train` would use (preprocessed on first use, reused afterwards)."""
-    if config.records_dir is not None:
-        manifest = pipeline.load_manifest(config.records_dir)
-        if manifest.get("dataset") != config.dataset:
-            raise ValueError(f"Records {config.records_dir} are of dataset "
-                             f"{manifest.get('dataset')!r}, not {config.dataset!r}; pass the "
-                             "matching --dataset or another --records_dir.")
-        return config.records_dir
-    from preprocessing.config import PreprocessConfig
-    from preprocessing.runner import preprocess_dataset
-
-    return preprocess_dataset(dataset, config.data_dir, PreprocessConfig(n4=config.n4),
-                              records_root=config.records_root,
-                              workers=config.preprocess_workers,
-                              dataset_options=config.dataset_options)
-
-
 def _split(config: BenchmarkConfig, dataset, manifest) -> splits_lib.Split:
-    published = path = None
-    if config.split is not None:
-        is_file = config.split.endswith(".json") or os.path.sep in config.split
-        path, published = (config.split, None) if is_file else (None, config.split)
-    elif config.labeled is None:
-        published = dataset.default_split
-        if published is None:
-            raise ValueError(f"Dataset {config.dataset!r} has no default split: choose one with "
-                             "--labeled=N [--split_seed=K] or --split=NAME|FILE.json.")
+    """The split `launch.train` would use, without saving it (the benchmark writes nothing)."""
+    published, path = train_lib.split_source(config.split, config.labeled, dataset,
+                                             config.dataset)
     return splits_lib.resolve_split(manifest, dataset, published=published, path=path,
                                     num_labeled=config.labeled, seed=config.split_seed)
 

@@ -143,7 +143,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # (or clean up after) the same records folder.
     if not chief:
         distribute.barrier(strategy)
-    records_dir = _records(config, dataset)
+    records_dir = resolve_records(config, dataset)
     if chief:
         distribute.barrier(strategy)
     manifest = pipeline.load_manifest(records_dir)
@@ -188,8 +188,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- setup helpers
-def _records(config: TrainConfig, dataset) -> str:
-    """Preprocesses on first use; returns the records folder."""
+def resolve_records(config, dataset) -> str:
+    """Preprocesses on first use; returns the records folder.
+
+    `config` needs the TrainConfig fields records_dir, dataset, data_dir, n4, records_root,
+    preprocess_workers and dataset_options (launch.benchmark passes its own config).
+    """
     if config.records_dir is not None:
         manifest = pipeline.load_manifest(config.records_dir)
         if manifest.get("dataset") != config.dataset:
@@ -206,19 +210,29 @@ def _records(config: TrainConfig, dataset) -> str:
                               dataset_options=config.dataset_options)
 
 
-def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
-    published = path = None
-    if config.split is not None:
-        if config.labeled is not None:
-            raise ValueError(f"Choose the split with either --split={config.split} or "
-                             f"--labeled={config.labeled}, not both.")
-        is_file = config.split.endswith(".json") or os.path.sep in config.split
-        path, published = (config.split, None) if is_file else (None, config.split)
-    elif config.labeled is None:
-        published = dataset.default_split
-        if published is None:
-            raise ValueError(f"Dataset {config.dataset!r} has no default split: choose one with "
+def split_source(split: str | None, labeled: int | None, dataset, dataset_name: str
+                 ) -> tuple[str | None, str | None]:
+    """(published split name, split file path) for `--split` / `--labeled`; both None = draw.
+
+    Raises:
+      ValueError: if both are given, or neither and the dataset has no default split.
+    """
+    if split is not None:
+        if labeled is not None:
+            raise ValueError(f"Choose the split with either --split={split} or "
+                             f"--labeled={labeled}, not both.")
+        is_file = split.endswith(".json") or os.path.sep in split
+        return (None, split) if is_file else (split, None)
+    if labeled is None:
+        if dataset.default_split is None:
+            raise ValueError(f"Dataset {dataset_name!r} has no default split: choose one with "
                              "--labeled=N [--split_seed=K] or --split=NAME|FILE.json.")
+        return dataset.default_split, None
+    return None, None
+
+
+def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
+    published, path = split_source(config.split, config.labeled, dataset, config.dataset)
     split = splits_lib.resolve_split(
         manifest, dataset, published=published, path=path, num_labeled=config.labeled,
         seed=config.split_seed, num_val=config.num_val, num_test=config.num_test)
