@@ -5,6 +5,10 @@ run, then the tables, paired Wilcoxon tests and plots (study.md, study.json, plo
         --labeled=1,3 --repeats=3 --preset=quick --non4 --out=studies/cardiac
     python -m launch.study ... --set=filters=8,16,32,64 --set=supervised:augment=affine \\
         --compare=self_training:task_aug
+    python -m launch.study --dataset=synthetic_cardiac --labeled=1 --repeats=3 --preset=quick \
+        --methods=supervised,RDRI=supervised,task_aug,independent=task_aug \
+        --set=supervised:augment=affine --set=RDRI:augment=affine+elastic+intensity \
+        --set=independent:joint=false --compare=task_aug:RDRI,task_aug:independent
 
 Repeat k draws the labeled subjects with split seed --seed+k and trains with the same seed, for
 every method (paired comparisons). Re-running the same command skips finished runs and resumes the
@@ -26,7 +30,9 @@ flags.DEFINE_string("dataset", None, "Dataset (module of tfseg/datasets), e.g. s
                     **_F)
 flags.DEFINE_string("data_dir", None, "Raw data folder (not needed for synthetic datasets).", **_F)
 flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
-flags.DEFINE_list("methods", None, "Comma-separated methods, e.g. supervised,self_training.", **_F)
+flags.DEFINE_list("methods", None, "Comma-separated methods, e.g. supervised,self_training; "
+                  "label=method adds a method again under another name for its own --set, e.g. "
+                  "Aff=supervised,RDRI=supervised,task_aug.", **_F)
 flags.DEFINE_list("labeled", None, "Comma-separated numbers of labeled subjects, e.g. 1,3.", **_F)
 flags.DEFINE_integer("repeats", 3, "Labeled draws (and seeds) per number of labeled subjects.",
                      **_F)
@@ -66,7 +72,12 @@ def main(argv) -> int:
     if FLAGS.dataset not in available_datasets():
         _common.fail(PROGRAM, f"unknown --dataset={FLAGS.dataset}. Available: "
                               f"{', '.join(available_datasets())}.")
-    unknown = [m for m in FLAGS.methods if m not in available_methods()]
+    from tfseg import study
+    try:
+        arms = [study.parse_arm(item) for item in FLAGS.methods]
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error))
+    unknown = [m for _, m in arms if m not in available_methods()]
     if unknown:
         _common.fail(PROGRAM, f"unknown method(s) {', '.join(unknown)} in --methods. Available: "
                               f"{', '.join(available_methods())}.")
@@ -83,7 +94,6 @@ def main(argv) -> int:
         compare.append(pair)
     overrides = _common.parse_set(FLAGS.set, PROGRAM)
 
-    from tfseg import study
     try:
         config = study.StudyConfig(
             dataset=FLAGS.dataset, methods=tuple(FLAGS.methods), labeled=labeled,

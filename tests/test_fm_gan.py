@@ -88,6 +88,7 @@ def test_segmentor_is_the_supervised_3d_unet_with_the_same_options():
     (("feature_layer=nope",), None, r"feature_layer='nope' is not a layer"),
     (("generator_filters=8,8,8,8,8",), None, r"not a multiple of 32 .*generator_filters"),
     (("class_weights=1,2",), None, r"class_weights=\(1.0, 2.0\) needs one weight per class"),
+    (("rampup_steps=-1",), None, r"rampup_steps must be >= 0"),
 ])
 def test_bad_settings_are_named(overrides, spec, message):
     config = resolve_config(fm_gan, None, [*TINY, *overrides])
@@ -155,6 +156,30 @@ def test_discriminator_loss_matches_hand_computation():
     assert float(terms["loss"]) == pytest.approx(labeled + unlabeled + fake_term, rel=1e-4)
     assert float(terms["p_fake_on_fake"]) == pytest.approx(np.mean(1 / (1 + np.exp(lse[5:]))),
                                                            rel=1e-4)
+
+
+def test_rampup_scales_the_unlabeled_and_fake_terms():
+    method = _build("rampup_steps=4")
+    spec = method.data_spec
+    data = _batch(spec)
+    z = tf.random.uniform((3, 8), -1, 1, seed=3)
+    args = (data["labeled"]["image"], data["labeled"]["label"], data["unlabeled"]["image"], z)
+    plain = _build()
+    plain.segmentor.set_weights(method.segmentor.get_weights())
+    plain.generator.set_weights(method.generator.get_weights())
+    reference = plain.discriminator_step(*args)      # w_u, w_f unscaled, same weights
+    for step, factor in ((0, np.exp(-5.0)), (2, np.exp(-1.25)), (4, 1.0), (9, 1.0)):
+        method.seg_optimizer.iterations.assign(step)
+        assert float(method.rampup()) == pytest.approx(factor, rel=1e-6)
+        before = method.segmentor.get_weights()
+        terms = method.discriminator_step(*args)
+        method.segmentor.set_weights(before)
+        for name in ("unlabeled_loss", "fake_loss"):
+            assert float(terms[name]) == pytest.approx(factor * float(reference[name]),
+                                                       rel=1e-4), (step, name)
+        assert float(terms["labeled_loss"]) == pytest.approx(float(reference["labeled_loss"]),
+                                                             rel=1e-4)
+    assert float(plain.rampup()) == 1.0
 
 
 @pytest.mark.parametrize("gan_loss", ["feature_matching", "standard", "bad"])

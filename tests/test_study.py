@@ -108,6 +108,49 @@ def test_check_config_rejects_unknown_names_before_anything_runs(tmp_path):
             _config(tmp_path, **bad)
 
 
+
+def test_arms_run_one_method_under_two_labels_with_their_own_settings(tmp_path):
+    config = _config(tmp_path, methods=("supervised", "RDRI=supervised", "indep=self_training"),
+                     labeled=(1,), repeats=1, compare=(("indep", "RDRI"),), baseline="RDRI")
+    assert config.methods == ("supervised", "RDRI", "indep")
+    assert config.arms == {"supervised": "supervised", "RDRI": "supervised",
+                           "indep": "self_training"}
+    per_arm = study.check_config(dataclasses.replace(config, overrides=(
+        "filters=4,8", "RDRI:augment=affine+elastic+intensity", "indep:rounds=1")))
+    assert per_arm == {"supervised": ("filters=4,8",),
+                       "RDRI": ("filters=4,8", "augment=affine+elastic+intensity"),
+                       "indep": ("filters=4,8", "rounds=1")}
+    specs = study.plan_runs(config, per_arm)
+    rdri = specs[1]
+    assert (rdri.method, rdri.module) == ("RDRI", "supervised")
+    assert rdri.run_dir == os.path.join(config.out_dir, "runs", "RDRI", "l1", "r0")
+    argv = rdri.train_argv(config)
+    assert "--method=supervised" in argv and "--set=augment=affine+elastic+intensity" in argv
+    assert rdri.request(config)["method"] == "RDRI=supervised"
+    assert specs[0].request(config)["method"] == "supervised"  # plain arms: records unchanged
+    assert study.comparison_pairs(config) == [("supervised", "RDRI"), ("indep", "RDRI")]
+    # A run folder of another arm (same label, other method) is refused on resume.
+    fabricate_run(config, rdri, {"s1": [0.5, 0.5, 0.5]})
+    other = _config(tmp_path, methods=("RDRI=self_training",), labeled=(1,), repeats=1)
+    with pytest.raises(ValueError, match="differs in: method"):
+        study.check_existing(other, study.plan_runs(other, {"RDRI": ()}))
+    # The report names each arm's method and settings.
+    for spec in specs[::2]:
+        fabricate_run(config, spec, {f"s{i}": [0.1 * i, 0.5, 0.6] for i in range(1, 7)})
+    result = study.aggregate_study(config, specs)
+    assert result["arms"]["RDRI"] == "supervised"
+    assert result["results"]["RDRI"]["1"]["rv"]["dice"]["n"] == 1
+    text = open(os.path.join(config.out_dir, "study.md"), encoding="utf-8").read()
+    assert "| RDRI | supervised | filters=4,8, augment=affine+elastic+intensity |" in text
+    for bad in ("=supervised", "a b=supervised", "RDRI=", "../x=supervised"):
+        with pytest.raises(ValueError, match="label=method"):
+            _config(tmp_path, methods=(bad,))
+    with pytest.raises(ValueError, match="twice"):
+        _config(tmp_path, methods=("supervised", "supervised=supervised"))
+    with pytest.raises(ValueError, match=r"Unknown method\(s\) 'nope'"):
+        study.check_config(_config(tmp_path, methods=("x=nope",)))
+
+
 # --------------------------------------------------------------------------- aggregation
 def _fabricated_study(tmp_path):
     """3 methods, budgets 1 and 3, 3 repeats, 6 test subjects per repeat (overlapping between
@@ -306,6 +349,12 @@ def test_cli_errors_before_anything_runs(tmp_path, capsys):
          "has a setting 'zzz'"),
         (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
           "--preset=fast"], "Unknown preset 'fast'"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised,a/b=supervised", "--labeled=1"],
+         "expected a method name or label=method"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised,RD=nope", "--labeled=1"],
+         r"unknown method\(s\) nope in --methods"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised,RD=supervised", "--labeled=1",
+          "--set=RD:rounds=1"], r"Method 'RD' \(supervised\).*no field 'rounds'"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:

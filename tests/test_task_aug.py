@@ -193,6 +193,27 @@ def test_each_stage_updates_only_its_networks():
         assert 0.0 <= panel.min() and panel.max() <= 1.0
 
 
+@pytest.mark.parametrize("real_affine", [True, False])
+def test_discriminator_real_images_get_the_affine_augmentation(real_affine, monkeypatch):
+    method = _method(f"real_affine={real_affine}")
+    method.begin_stage(method.stages()[1])                   # "deformation"
+    data = _batch(unlabeled=4)
+    seen = {}
+
+    def record(kind, originals, original_targets, sources, source_targets, unlabeled):
+        seen["unlabeled"] = unlabeled.numpy()
+        return {}
+
+    monkeypatch.setattr(method, "_generator_step", record)
+    method.train_step(data)
+    raw = data["unlabeled"]["image"].numpy()
+    changed = [not np.allclose(a, b) for a, b in zip(seen["unlabeled"], raw)]
+    if real_affine:   # each image is transformed with probability 0.8
+        assert sum(changed) >= 2
+    else:
+        assert not any(changed)
+
+
 @pytest.mark.parametrize("use, names", [
     ("both", ["pretrain", "deformation", "intensity", "final"]),
     ("deformation", ["pretrain", "deformation", "final"]),

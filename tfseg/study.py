@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -67,7 +68,10 @@ class StudyConfig:
 
     Attributes:
       dataset / dataset_options / data_dir: as in `tfseg.train.TrainConfig`.
-      methods: method module names, e.g. ("supervised", "self_training").
+      methods: the study's arms: a method module name ("supervised") or "label=method"
+        ("RDRI=supervised"), so one method can appear with different settings
+        (`--set=RDRI:augment=affine+elastic+intensity`). Stored as the labels; `arms` maps each
+        label to its method. Labels name the run folders, the table rows and `baseline`.
       labeled: numbers of labeled subjects (budgets), e.g. (1, 3).
       repeats: labeled draws per budget; repeat k uses split seed and training seed `seed + k`.
       out_dir: the study folder (runs/, study.json, study.md, plots/).
@@ -104,10 +108,23 @@ class StudyConfig:
     seed: int = 0
     export: bool = False
     min_pairs: int = 5
+    arms: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("methods", "labeled", "overrides"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        arms = dict(self.arms)
+        labels = []
+        for item in self.methods:
+            label, method = parse_arm(item)
+            if "=" not in item and label in arms:  # already parsed (dataclasses.replace)
+                method = arms[label]
+            if arms.get(label, method) != method:
+                raise ValueError(f"Arm {label!r} is both {arms[label]!r} and {method!r}.")
+            arms[label] = method
+            labels.append(label)
+        object.__setattr__(self, "methods", tuple(labels))
+        object.__setattr__(self, "arms", {label: arms[label] for label in labels})
         object.__setattr__(self, "compare", tuple(tuple(p) for p in self.compare))
         object.__setattr__(self, "dataset_options", dict(self.dataset_options))
         if not self.methods:
@@ -130,9 +147,27 @@ class StudyConfig:
                                  f"--compare={self.methods[0]}:{self.methods[-1]}.")
 
 
+_ARM_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def parse_arm(item: str) -> tuple[str, str]:
+    """"method" -> (method, method); "label=method" -> (label, method).
+
+    Raises:
+      ValueError: an empty part or a label that cannot name a folder.
+    """
+    label, sep, method = (part.strip() for part in item.partition("="))
+    if not sep:
+        method = label
+    if not label or not method or not _ARM_LABEL.fullmatch(label):
+        raise ValueError(f"--methods item {item!r}: expected a method name or label=method with "
+                         "a label of letters, digits and _ . + - (e.g. RDRI=supervised).")
+    return label, method
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One planned training run of a study."""
+    """One planned training run of a study (`method` is the arm's label, `module` its method)."""
 
     method: str
     labeled: int
@@ -140,6 +175,11 @@ class RunSpec:
     seed: int
     run_dir: str
     overrides: tuple[str, ...]
+    module: str = ""
+
+    def __post_init__(self):
+        if not self.module:
+            object.__setattr__(self, "module", self.method)
 
     @property
     def name(self) -> str:
@@ -147,7 +187,8 @@ class RunSpec:
 
     def request(self, config: StudyConfig) -> dict[str, Any]:
         """The settings that define this run (compared on resume)."""
-        return {"method": self.method, "dataset": config.dataset,
+        method = self.method if self.module == self.method else f"{self.method}={self.module}"
+        return {"method": method, "dataset": config.dataset,
                 "dataset_options": dict(config.dataset_options), "labeled": self.labeled,
                 "repeat": self.repeat, "split_seed": self.seed, "seed": self.seed,
                 "preset": config.preset, "overrides": list(self.overrides),
@@ -156,7 +197,7 @@ class RunSpec:
 
     def train_argv(self, config: StudyConfig) -> list[str]:
         """The `python -m launch.train` command line of this run."""
-        argv = [sys.executable, "-m", "launch.train", f"--method={self.method}",
+        argv = [sys.executable, "-m", "launch.train", f"--method={self.module}",
                 f"--dataset={config.dataset}", f"--labeled={self.labeled}",
                 f"--split_seed={self.seed}", f"--seed={self.seed}",
                 f"--run_dir={os.path.abspath(self.run_dir)}",
@@ -181,7 +222,7 @@ def split_overrides(overrides: Sequence[str], method_fields: Mapping[str, Sequen
 
     Args:
       overrides: "name=value" (to every method whose Config has `name`) or "method:name=value".
-      method_fields: method -> its Config field names.
+      method_fields: arm label (a method, or label=method's label) -> its Config field names.
 
     Returns:
       method -> its "name=value" overrides, in the given order.
@@ -228,11 +269,11 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
     if config.dataset not in available_datasets():
         raise ValueError(f"Unknown dataset {config.dataset!r}. Available: "
                          f"{', '.join(available_datasets())}.")
-    unknown = [m for m in config.methods if m not in available_methods()]
+    unknown = sorted({m for m in config.arms.values() if m not in available_methods()})
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(map(repr, unknown))}. Available: "
                          f"{', '.join(available_methods())}.")
-    modules = {m: get_method_module(m) for m in config.methods}
+    modules = {label: get_method_module(m) for label, m in config.arms.items()}
     fields = {m: [f.name for f in dataclasses.fields(module.Config)]
               for m, module in modules.items()}
     per_method = split_overrides(config.overrides, fields)
@@ -240,16 +281,21 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
         try:
             resolve_config(module, config.preset, per_method[method])
         except ValueError as error:
-            raise ValueError(f"Method {method!r}: {error}") from None
+            raise ValueError(f"Method {_arm_name(config, method)}: {error}") from None
     return per_method
 
 
 def plan_runs(config: StudyConfig, per_method: Mapping[str, Sequence[str]]) -> list[RunSpec]:
     """Every run, budget-major then repeat then method (so an interrupted study has pairs)."""
-    return [RunSpec(method, n, k, config.seed + k,
-                    os.path.join(config.out_dir, RUNS_DIR, method, f"l{n}", f"r{k}"),
-                    tuple(per_method.get(method, ())))
-            for n in config.labeled for k in range(config.repeats) for method in config.methods]
+    return [RunSpec(label, n, k, config.seed + k,
+                    os.path.join(config.out_dir, RUNS_DIR, label, f"l{n}", f"r{k}"),
+                    tuple(per_method.get(label, ())), config.arms[label])
+            for n in config.labeled for k in range(config.repeats) for label in config.methods]
+
+
+def _arm_name(config: StudyConfig, label: str) -> str:
+    method = config.arms.get(label, label)
+    return repr(label) if method == label else f"{label!r} ({method})"
 
 
 def is_complete(run_dir: str) -> bool:
@@ -507,7 +553,9 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
     seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
     result = {
         "dataset": config.dataset, "dataset_options": dict(config.dataset_options),
-        "methods": list(config.methods), "labeled": list(config.labeled),
+        "methods": list(config.methods), "arms": dict(config.arms),
+        "arm_overrides": {s.method: list(s.overrides) for s in specs},
+        "labeled": list(config.labeled),
         "repeats": config.repeats, "seed": config.seed, "preset": config.preset,
         "overrides": list(config.overrides), "steps": config.steps,
         "baseline": config.baseline, "classes": names, "pairing": PAIRING_KEY,
@@ -538,8 +586,8 @@ def comparison_pairs(config: StudyConfig) -> list[tuple[str, str]]:
 def _fields_for(config: StudyConfig) -> dict[str, list[str]]:
     from tfseg.methods import get_method_module
 
-    return {m: [f.name for f in dataclasses.fields(get_method_module(m).Config)]
-            for m in config.methods}
+    return {label: [f.name for f in dataclasses.fields(get_method_module(m).Config)]
+            for label, m in config.arms.items()}
 
 
 # --------------------------------------------------------------------------- reports
@@ -565,6 +613,12 @@ def study_markdown(result: Mapping[str, Any]) -> str:
              f"({result['std']}); \"{MEAN_CLASS}\" = each subject's mean over the foreground "
              "classes. Per-subject values from each run's metrics.csv (test split, original "
              "geometry; HD95 in mm).", ""]
+    arms, arm_overrides = result.get("arms") or {}, result.get("arm_overrides") or {}
+    if any(arms.get(m, m) != m or arm_overrides.get(m) for m in methods):
+        lines += ["| Arm | method | settings |", "|---|---|---|"]
+        lines += [f"| {m} | {arms.get(m, m)} | {', '.join(arm_overrides.get(m, [])) or '—'} |"
+                  for m in methods]
+        lines.append("")
     for metric, title, digits in (("dice", "Dice", 3), ("hd95_mm", "HD95 (mm)", 2)):
         lines += [f"## {title}", ""]
         for n in result["labeled"]:

@@ -80,6 +80,10 @@ class Config:
         tissue weights when the classes are background/csf/gm/wm, else 0.1 + 0.9 shared.
       gan_loss: "feature_matching" | "standard" | "bad".
       unlabeled_weight, fake_weight: w_u, w_f of the unlabeled and fake terms.
+      rampup_steps: 0 (the paper) = w_u, w_f constant; N > 0 = both multiplied by the sigmoid
+        ramp-up exp(−5 (1 − t)²), t = min(step / N, 1) (Laine & Aila 2017), so the segmentor
+        first learns from the labeled patches and the adversarial terms grow in as the GAN
+        forms (not in the paper: for small batches and budgets, see docs/results/fm_gan.md).
       feature_layer: segmentor layer whose output is matched ("bottleneck_a_act", "bottleneck",
         "enc2", ... — see `networks.unet`).
       feature_norm: "squared_l2" | "l2" | "l1" (reference code: l1).
@@ -107,6 +111,7 @@ class Config:
     gan_loss: str = "feature_matching"
     unlabeled_weight: float = 0.5
     fake_weight: float = 0.5
+    rampup_steps: int = 0
     feature_layer: str = "bottleneck_a_act"
     feature_norm: str = "squared_l2"
     latent_dim: int = gan3d.PAPER_LATENT_DIM
@@ -163,6 +168,9 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     for name in ("unlabeled_weight", "fake_weight", "vi_weight", "learning_rate"):
         if getattr(config, name) < 0:
             raise ValueError(f"fm_gan: {name} must be >= 0, got {getattr(config, name)}.")
+    if config.rampup_steps < 0:
+        raise ValueError(f"fm_gan: rampup_steps must be >= 0 (0 = no ramp-up), got "
+                         f"{config.rampup_steps}.")
     if config.image_summaries < 0:
         raise ValueError(f"fm_gan: image_summaries must be >= 0, got {config.image_summaries}.")
     multiple = gan3d.generator_size_multiple(config.generator_filters)
@@ -240,6 +248,15 @@ class FMGAN(SegMethod):
         return tf.random.stateless_uniform((batch_size, self.config.latent_dim),
                                            seed=self.next_seed(), minval=-1.0, maxval=1.0)
 
+    def rampup(self) -> tf.Tensor:
+        """The factor of w_u and w_f at the current step: exp(−5 (1 − t)²), t = min(step /
+        rampup_steps, 1), step = the segmentor optimizer's iterations; 1 when rampup_steps = 0."""
+        if not self.config.rampup_steps:
+            return tf.constant(1.0)
+        step = tf.cast(self.seg_optimizer.iterations, tf.float32)
+        t = tf.minimum(step / float(self.config.rampup_steps), 1.0)
+        return tf.exp(-5.0 * tf.square(1.0 - t))
+
     def discriminator_step(self, labeled_images, labels, unlabeled_images, z
                            ) -> dict[str, tf.Tensor]:
         """One update of the segmentor on labeled + unlabeled + fake patches.
@@ -263,8 +280,9 @@ class FMGAN(SegMethod):
             logits_l, logits_u, logits_f = (logits[:b_l], logits[b_l:b_l + b_u],
                                             logits[b_l + b_u:])
             labeled = gan_losses.labeled_loss(self.one_hot(labels), logits_l, self.class_weights)
-            unlabeled = cfg.unlabeled_weight * gan_losses.unlabeled_loss(logits_u)
-            fake_term = cfg.fake_weight * gan_losses.fake_loss(logits_f)
+            ramp = self.rampup()
+            unlabeled = ramp * cfg.unlabeled_weight * gan_losses.unlabeled_loss(logits_u)
+            fake_term = ramp * cfg.fake_weight * gan_losses.fake_loss(logits_f)
             loss = global_mean(labeled) + global_mean(unlabeled) + global_mean(fake_term)
         grad_norm = self.apply_network_gradients("seg_optimizer", tape, loss)
         features = tf.cast(features, tf.float32)

@@ -37,7 +37,10 @@ In stages 2–4 the labeled batch is split: the first half are affine-augmented 
 second half the generator inputs (also affine-augmented), so S sees the same batch size in every
 stage. Affine augmentation is applied here (augment.random_affine, the paper's settings), not by
 the pipeline (`pipeline_augment = "none"`), because stage 4 needs un-augmented generator inputs
-and originals from the same batch.
+and originals from the same batch. The discriminators' real (unlabeled) images get their own
+draw of the same affine augmentation (`real_affine`, on by default): otherwise the affine step's
+interpolation smoothing and zero fill, present only in generated images, let D tell fake from
+real without looking at the generator's transformation.
 
 Ablations (Config): adversarial_weight (λ_adv), large_deviation_weight (λ_LD), joint (False:
 the generators' objective lacks L_seg — "independent" optimisation), use (deformation |
@@ -85,6 +88,9 @@ class Config:
       joint: the generators' objective includes the segmentation loss on generated pairs.
       use: "deformation" (GD), "intensity" (GI) or "both" (GD+GI).
       mixup / mixup_alpha: mixup on the final stage's batches (GD+GI+Mixup), Beta(α, α).
+      real_affine: the discriminators' real (unlabeled) images get the same random affine
+        augmentation as the generator inputs, so that interpolation and fill artefacts of the
+        affine step do not tell fake from real (False: raw unlabeled images).
       pretrain_steps, deformation_steps, intensity_steps: stages 1–3.
       steps: stage 4 (the fresh segmentor that is exported).
       validation_every: steps between validation rounds (every stage).
@@ -109,6 +115,7 @@ class Config:
     use: str = "both"
     mixup: bool = False
     mixup_alpha: float = 0.2
+    real_affine: bool = True
     pretrain_steps: int = 5000
     deformation_steps: int = 10000
     intensity_steps: int = 10000
@@ -406,8 +413,11 @@ class TaskAug(SegMethod):
         sources, source_targets = images[half:], targets[half:]
         if self.stage_name == "final":
             return self._final_step(originals, original_targets, sources, source_targets)
+        unlabeled = data["unlabeled"]["image"]                   # (B', H, W, C)
+        if self.config.real_affine:  # real images processed like the generator inputs
+            unlabeled, _ = augment_lib.random_affine(unlabeled, None, self.next_seed())
         return self._generator_step(self.stage_name, originals, original_targets, sources,
-                                    source_targets, data["unlabeled"]["image"])
+                                    source_targets, unlabeled)
 
     def _pretrain_step(self, images, targets):
         with tf.GradientTape() as tape:
