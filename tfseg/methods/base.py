@@ -199,10 +199,15 @@ class SegMethod(keras.Model):
         return tf.linalg.global_norm(gradients) * float(num_replicas())
 
     def track(self, **values: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Updates the named trackers and returns every tracker's current result."""
+        """Updates the named trackers and returns their current results (in `loss_names` order).
+
+        Only the terms this step computes are returned, so the progress bar, train_log.csv (blank
+        cells) and TensorBoard of a multi-stage method show each stage's own terms, not zeros.
+        """
         for name, value in values.items():
             self.trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return {name: tracker.result() for name, tracker in self.trackers.items()
+                if name in values}
 
     def test_step(self, data):
         """Cross-entropy and Dice loss of the segmentor on a labeled batch (for `evaluate`)."""
