@@ -92,3 +92,30 @@ def parse_set(values: Sequence[str] | None, program: str) -> tuple[str, ...]:
 def progress_verbosity() -> int:
     """Keras verbosity: a live progress bar on a terminal, one line per round otherwise."""
     return 1 if sys.stdout.isatty() else 2
+
+
+def check_method_flags(flag_values: flags.FlagValues, program: str) -> tuple[str, ...]:
+    """--method, --dataset, --preset and --set of launch.train / launch.benchmark, checked
+    before TensorFlow loads: exits 2 with a one-line error naming what is wrong.
+
+    Returns:
+      The parsed --set overrides.
+    """
+    # Cheap checks first: these imports do not load TensorFlow.
+    from tfseg.datasets import available_datasets
+    from tfseg.methods import available_methods
+
+    for flag, available in (("method", available_methods()), ("dataset", available_datasets())):
+        value = flag_values[flag].value
+        if value is None:
+            fail(program, f"--{flag} is required. Available: {', '.join(available)}.")
+        if value not in available:
+            fail(program, f"unknown --{flag}={value}. Available: {', '.join(available)}.")
+    overrides = parse_set(flag_values.set, program)
+
+    from tfseg.methods import get_method_module, resolve_config
+    try:
+        resolve_config(get_method_module(flag_values.method), flag_values.preset, overrides)
+    except ValueError as error:
+        fail(program, str(error))
+    return overrides

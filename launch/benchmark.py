@@ -79,25 +79,9 @@ _N4_COMPARE_ALIASES = {"false": "none", "no": "none", "0": "none", "off": "none"
 def main(argv) -> int:
     _common.setup_environment()
     _common.parse_flags(FLAGS, argv, PROGRAM)
-    # Cheap checks first: these imports do not load TensorFlow.
-    from tfseg.datasets import available_datasets
-    from tfseg.methods import available_methods
-
-    for flag, available in (("method", available_methods()), ("dataset", available_datasets())):
-        value = FLAGS[flag].value
-        if value is None:
-            _common.fail(PROGRAM, f"--{flag} is required. Available: {', '.join(available)}.")
-        if value not in available:
-            _common.fail(PROGRAM, f"unknown --{flag}={value}. Available: {', '.join(available)}.")
-    overrides = _common.parse_set(FLAGS.set, PROGRAM)
+    overrides = _common.check_method_flags(FLAGS, PROGRAM)
     n4_compare = FLAGS.n4_compare.strip().lower()
     n4_compare = _N4_COMPARE_ALIASES.get(n4_compare, n4_compare)
-
-    from tfseg.methods import get_method_module, resolve_config
-    try:
-        resolve_config(get_method_module(FLAGS.method), FLAGS.preset, overrides)
-    except ValueError as error:
-        _common.fail(PROGRAM, str(error))
 
     from tfseg import benchmark
     try:

@@ -201,7 +201,8 @@ def test_prepare_is_idempotent_and_writes_a_marker(cardiac_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a complete folder must not be regenerated")
 
-    monkeypatch.setattr(synthetic_cardiac, "generate", fail)
+    monkeypatch.setattr(synthetic_cardiac.SyntheticCardiacDataset, "generate_files",
+                        staticmethod(fail))
     dataset = synthetic_cardiac.SyntheticCardiacDataset(**SMALL_CARDIAC)
     assert dataset.prepare(cardiac_dir) == cardiac_dir
 
@@ -229,13 +230,12 @@ def test_prepare_regenerates_an_old_or_damaged_generation(tmp_path):
 def test_prepare_resumes_after_an_interrupted_generation(tmp_path, monkeypatch):
     dataset = synthetic_cardiac.SyntheticCardiacDataset(num_training=1, num_testing=0)
     # 1. A crash mid-generation leaves neither the target nor a temporary folder behind.
-    real_generate = synthetic_cardiac.generate
-
     def crash(folder, *args):
         synthetic_cardiac.write_patient(os.path.join(folder), 1, labeled=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic_cardiac, "generate", crash)
+    monkeypatch.setattr(synthetic_cardiac.SyntheticCardiacDataset, "generate_files",
+                        staticmethod(crash))
     with pytest.raises(KeyboardInterrupt):
         dataset.prepare(str(tmp_path / "data"))
     assert os.listdir(tmp_path) == []
@@ -244,7 +244,7 @@ def test_prepare_resumes_after_an_interrupted_generation(tmp_path, monkeypatch):
     stale = tmp_path / f".data.tmp-{socket.gethostname()}-{dead_pid}-deadbeef"
     (stale / "training").mkdir(parents=True)
     (stale / "training" / "half-written.nii.gz").write_bytes(b"\x1f\x8b")
-    monkeypatch.setattr(synthetic_cardiac, "generate", real_generate)
+    monkeypatch.undo()
     folder = dataset.prepare(str(tmp_path / "data"))
     assert sorted(os.listdir(tmp_path)) == ["data"]
     assert sorted(os.listdir(os.path.join(folder, "training"))) == ["patient001"]

@@ -303,6 +303,42 @@ def prepare_folder(data_dir: str | None, generator: str, version: int,
     return folder
 
 
+class GeneratedDataset:
+    """Mixin of the embedded datasets: the subject-count check and `prepare` (generation into a
+    cache folder on first use, see `prepare_folder`).
+
+    A subclass (placed before the reader's dataset class in the bases) sets `cache_name` (the
+    module name under tfseg.datasets), `generator_version` and the static `generate_files(folder,
+    num_training, num_testing)`, and has the dataclass fields `num_training`, `num_testing`.
+    """
+
+    cache_name: str = ""
+    generator_version: int = 0
+    generate_files: Callable[[str, int, int], None]
+
+    def __post_init__(self) -> None:
+        parent_check = getattr(super(), "__post_init__", None)
+        if parent_check is not None:
+            parent_check()
+        if self.num_training < 1 or self.num_testing < 0:
+            raise ValueError(f"{self.cache_name} needs num_training >= 1 and num_testing >= 0, "
+                             f"got {self.num_training} and {self.num_testing}.")
+
+    def prepare(self, data_dir: str | None) -> str:
+        """Generates the subjects into `data_dir` (default `~/.cache/tfseg/<cache_name>`) unless a
+        complete generation of this version is there; returns the folder.
+
+        Raises:
+          ValueError: if `data_dir` is a non-empty folder not written by this generator.
+        """
+        counts = {"training": self.num_training, "testing": self.num_testing}
+        return prepare_folder(
+            data_dir, generator=f"tfseg.datasets.{self.cache_name}",
+            version=self.generator_version, counts=counts, cache_name=self.cache_name,
+            write_files=lambda folder: type(self).generate_files(
+                folder, self.num_training, self.num_testing))
+
+
 def _install(temporary: str, folder: str, parent: str, base: str, tag: str) -> None:
     """Moves the finished temporary folder into place (replacing our own older generation)."""
     if os.path.isdir(folder):

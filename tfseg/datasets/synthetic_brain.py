@@ -221,7 +221,7 @@ def generate(folder: str, num_training: int = NUM_TRAINING, num_testing: int = N
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticBrainDataset(ISegDataset):
+class SyntheticBrainDataset(_synthetic.GeneratedDataset, ISegDataset):
     """iSEG-layout synthetic infant brains, read by the iSEG reader.
 
     `num_training` / `num_testing` shrink it (tests); testing subjects are numbered from
@@ -238,26 +238,9 @@ class SyntheticBrainDataset(ISegDataset):
     num_training: int = NUM_TRAINING
     num_testing: int = NUM_TESTING
 
-    def __post_init__(self) -> None:
-        parent_check = getattr(super(), "__post_init__", None)
-        if parent_check is not None:
-            parent_check()
-        if self.num_training < 1 or self.num_testing < 0:
-            raise ValueError(f"synthetic_brain needs num_training >= 1 and num_testing >= 0, "
-                             f"got {self.num_training} and {self.num_testing}.")
-
-    def prepare(self, data_dir: str | None) -> str:
-        """Generates the subjects into `data_dir` (default `~/.cache/tfseg/synthetic_brain`)
-        unless a complete generation of this version is there; returns the folder.
-
-        Raises:
-          ValueError: if `data_dir` is a non-empty folder not written by this generator.
-        """
-        counts = {"training": self.num_training, "testing": self.num_testing}
-        return _synthetic.prepare_folder(
-            data_dir, generator="tfseg.datasets.synthetic_brain", version=GENERATOR_VERSION,
-            counts=counts, cache_name="synthetic_brain",
-            write_files=lambda folder: generate(folder, self.num_training, self.num_testing))
+    cache_name = "synthetic_brain"
+    generator_version = GENERATOR_VERSION
+    generate_files = staticmethod(generate)
 
 
 DATASET = SyntheticBrainDataset()

@@ -414,7 +414,7 @@ def generate(folder: str, num_training: int = NUM_TRAINING, num_testing: int = N
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticCardiacDataset(AcdcDataset):
+class SyntheticCardiacDataset(_synthetic.GeneratedDataset, AcdcDataset):
     """ACDC-layout synthetic cine MR, read by the ACDC reader.
 
     `num_training` / `num_testing` shrink it (tests); patient N is the same whatever the counts.
@@ -433,24 +433,9 @@ class SyntheticCardiacDataset(AcdcDataset):
     num_training: int = NUM_TRAINING
     num_testing: int = NUM_TESTING
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_training < 1 or self.num_testing < 0:
-            raise ValueError(f"synthetic_cardiac needs num_training >= 1 and num_testing >= 0, "
-                             f"got {self.num_training} and {self.num_testing}.")
-
-    def prepare(self, data_dir: str | None) -> str:
-        """Generates the patients into `data_dir` (default `~/.cache/tfseg/synthetic_cardiac`)
-        unless a complete generation of this version is there; returns the folder.
-
-        Raises:
-          ValueError: if `data_dir` is a non-empty folder not written by this generator.
-        """
-        counts = {"training": self.num_training, "testing": self.num_testing}
-        return _synthetic.prepare_folder(
-            data_dir, generator="tfseg.datasets.synthetic_cardiac", version=GENERATOR_VERSION,
-            counts=counts, cache_name="synthetic_cardiac",
-            write_files=lambda folder: generate(folder, self.num_training, self.num_testing))
+    cache_name = "synthetic_cardiac"
+    generator_version = GENERATOR_VERSION
+    generate_files = staticmethod(generate)
 
 
 def make_dataset(phase: str = "ES") -> SyntheticCardiacDataset:
