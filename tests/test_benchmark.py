@@ -196,5 +196,7 @@ def test_network_parameters_lists_every_network():
             self.segmentor = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
             self.teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
             self.optimizer_networks = {"seg_optimizer": (self.segmentor,)}
+            # A view of the segmentor's weights (like fm_gan's feature extractor): not counted.
+            self.features = keras.Model(self.segmentor.inputs, self.segmentor.outputs)
 
     assert benchmark.network_parameters(Two()) == {"segmentor": 8, "teacher": 16}

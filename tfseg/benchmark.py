@@ -274,7 +274,9 @@ def network_parameters(method: keras.Model) -> dict[str, int]:
     """Parameter count of every network the method holds (attribute name -> count).
 
     Networks are the `keras.Model` attributes of the method (segmentor, discriminators, EMA
-    teachers...) plus any network an optimizer updates.
+    teachers...) plus any network an optimizer updates. Views that only reuse another listed
+    network's weights (e.g. fm_gan's feature extractor, a sub-model of the segmentor) are left
+    out, so the counts add up to the method's parameters.
     """
     networks: dict[str, keras.Model] = {}
     for name, value in vars(method).items():
@@ -284,7 +286,17 @@ def network_parameters(method: keras.Model) -> dict[str, int]:
         for net in nets:
             if all(net is not known for known in networks.values()):
                 networks[net.name] = net
-    return {name: int(net.count_params()) for name, net in sorted(networks.items())}
+    # Largest first, so a network is kept before the views of its weights.
+    order = sorted(networks.items(), key=lambda item: -int(item[1].count_params()))
+    covered: set[int] = set()
+    kept = {}
+    for name, net in order:
+        ids = {id(w) for w in net.weights}
+        if ids and ids <= covered:
+            continue
+        covered |= ids
+        kept[name] = int(net.count_params())
+    return dict(sorted(kept.items()))
 
 
 def _load_average() -> float | None:
