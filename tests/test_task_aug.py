@@ -134,6 +134,29 @@ def test_segmentation_loss_back_propagates_into_the_generator(kind):
         np.testing.assert_allclose(d.numpy(), s.numpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["deformation", "intensity"])
+def test_segmentor_sees_generated_and_original_slices_in_one_batch(kind):
+    """Stages 2–3: S runs once on [generated; originals] (one batch-norm batch), not twice."""
+    method = _method(compile=False)
+    _randomize_output_layers(method)
+    data = _batch()
+    images, labels = data["labeled"]["image"], data["labeled"]["label"]
+    targets = method.one_hot(labels)
+    z = tf.random.stateless_normal((2, 8), [3, 4])
+    terms = method.generator_terms(kind, images[2:], targets[2:], z, data["unlabeled"]["image"],
+                                   training=True, originals=images[:2],
+                                   original_targets=targets[:2])
+    both = method.segmentor(tf.concat([terms["generated"], images[:2]], 0), training=True)
+    expected_real = tf.reduce_mean(method.seg_loss(targets[:2], both[2:]))
+    np.testing.assert_allclose(float(terms["seg_loss_real"]), float(expected_real), rtol=1e-4)
+    alone = tf.reduce_mean(method.seg_loss(targets[:2],
+                                           method.segmentor(images[:2], training=True)))
+    assert abs(float(alone) - float(expected_real)) > 1e-4 * abs(float(expected_real))
+    if kind == "intensity":   # labels unchanged: the generated half's loss is checkable too
+        expected_gen = tf.reduce_mean(method.seg_loss(targets[2:], both[:2]))
+        np.testing.assert_allclose(float(terms["gen_seg"]), float(expected_gen), rtol=1e-4)
+
+
 def test_generator_objective_signs_and_weights():
     """gen_loss = [L_seg] + λ_adv·(−log D(x_G)) − λ_LD·mean|field| (hand-combined)."""
     method = _method("adversarial_weight=0.5", "large_deviation_weight=0.25", compile=False)
