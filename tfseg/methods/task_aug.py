@@ -314,10 +314,9 @@ class TaskAug(SegMethod):
           z: (B, z_dim) noise; unlabeled: (B', H, W, C) real images for the discriminator.
           originals, original_targets: optional (B'', H, W, C) / (B'', H, W, K) real labeled
             images for S. S then runs once on [generated; originals], one batch-norm batch as in
-            the final stage: with two passes, S's BN moving statistics blend the statistics of
-            all-generated and all-real batches and fit neither at inference (in our runs the
-            validation Dice fell from 0.74 to 0.2–0.3 in the first 50 steps of the intensity
-            stage). Adds "seg_loss_real".
+            the final stage, so the statistics it normalises with in training are those of the
+            mixed batches its moving averages (used at inference) accumulate. Adds
+            "seg_loss_real".
 
         Returns:
           Scalars (local batch means reduced with the global batch size): gen_seg (weighted CE of
