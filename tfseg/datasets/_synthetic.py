@@ -308,12 +308,12 @@ class GeneratedDataset:
     cache folder on first use, see `prepare_folder`).
 
     A subclass (placed before the reader's dataset class in the bases) sets `cache_name` (the
-    module name under tfseg.datasets), `generator_version` and the static `generate_files(folder,
-    num_training, num_testing)`, and has the dataclass fields `num_training`, `num_testing`.
+    module name under tfseg.datasets) and the static `generate_files(folder, num_training,
+    num_testing)`, and has the dataclass fields `num_training`, `num_testing` and
+    `content_version` (the generator's version, also part of the records fingerprint).
     """
 
     cache_name: str = ""
-    generator_version: int = 0
     generate_files: Callable[[str, int, int], None]
 
     def __post_init__(self) -> None:
@@ -334,7 +334,7 @@ class GeneratedDataset:
         counts = {"training": self.num_training, "testing": self.num_testing}
         return prepare_folder(
             data_dir, generator=f"tfseg.datasets.{self.cache_name}",
-            version=self.generator_version, counts=counts, cache_name=self.cache_name,
+            version=self.content_version, counts=counts, cache_name=self.cache_name,
             write_files=lambda folder: type(self).generate_files(
                 folder, self.num_training, self.num_testing))
 

@@ -239,7 +239,6 @@ class SyntheticBrainDataset(_synthetic.GeneratedDataset, ISegDataset):
     num_testing: int = NUM_TESTING
 
     cache_name = "synthetic_brain"
-    generator_version = GENERATOR_VERSION
     generate_files = staticmethod(generate)
 
 

@@ -434,7 +434,6 @@ class SyntheticCardiacDataset(_synthetic.GeneratedDataset, AcdcDataset):
     num_testing: int = NUM_TESTING
 
     cache_name = "synthetic_cardiac"
-    generator_version = GENERATOR_VERSION
     generate_files = staticmethod(generate)
 
 

@@ -195,9 +195,7 @@ class FMGAN(SegMethod):
 
     def __init__(self, config: Config, data_spec: DataSpec, **kwargs):
         config = resolve(config, data_spec)
-        network = unet.UNetConfig(filters=tuple(config.filters), norm=config.norm,
-                                  activation=config.activation, pooling=config.pooling,
-                                  upsampling=config.upsampling)
+        network = supervised.network_config(config)
         segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes, network,
                                     name="segmentor")
         names = ["loss", "labeled_loss", "unlabeled_loss", "fake_loss", "gen_loss",

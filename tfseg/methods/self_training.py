@@ -33,7 +33,6 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from tfseg.data import augment as augment_lib
 from tfseg.losses import segmentation as losses
 from tfseg.methods import supervised
 from tfseg.methods.base import DataSpec, Stage, global_mean
@@ -133,11 +132,8 @@ class SelfTraining(supervised.Supervised):
         self.loss_names = (*self.loss_names, "pseudo_loss", "pseudo_kept")
         for name in ("pseudo_loss", "pseudo_kept"):
             self.trackers[name] = keras.metrics.Mean(name=name)
-        self._network = unet.UNetConfig(filters=tuple(config.filters), norm=config.norm,
-                                        activation=config.activation, pooling=config.pooling,
-                                        upsampling=config.upsampling)
         self.teacher = unet.build_unet(data_spec.input_shape, data_spec.num_classes,
-                                       self._network, name="teacher")
+                                       self.network_config, name="teacher")
         self.teacher.trainable = False
         self.round = 0  # 0: supervised stage; r >= 1: pseudo-label round r
 
@@ -159,15 +155,11 @@ class SelfTraining(supervised.Supervised):
         self.teacher.set_weights(self.segmentor.get_weights())
         if self.config.reinitialize_student:
             fresh = unet.build_unet(self.data_spec.input_shape, self.data_spec.num_classes,
-                                    self._network, name="fresh")
+                                    self.network_config, name="fresh")
             self.segmentor.set_weights(fresh.get_weights())
 
     def train_step(self, data):
-        images = data["labeled"]["image"]                    # (B, *S, C)
-        targets = self.one_hot(data["labeled"]["label"])     # (B, *S, K)
-        if self.use_mixup:
-            images, targets = augment_lib.mixup(images, targets, self.config.mixup_alpha,
-                                                self.next_seed())
+        images, targets = self.labeled_batch(data)           # (B, *S, C), (B, *S, K)
         pseudo = self.round > 0  # Python: the step is retraced for each stage
         if pseudo:
             # 1. pseudo-labels from the frozen teacher (inference mode, no gradient)

@@ -127,6 +127,14 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     return config
 
 
+def network_config(config) -> unet.UNetConfig:
+    """The segmentor U-Net of a config with supervised's network fields (filters, norm,
+    activation, pooling, upsampling; also fm_gan's and self_training's)."""
+    return unet.UNetConfig(filters=tuple(config.filters), norm=config.norm,
+                           activation=config.activation, pooling=config.pooling,
+                           upsampling=config.upsampling)
+
+
 def pipeline_augment(config: Config, spatial_dims: int) -> str:
     """The part of `config.augment` the input pipeline applies (everything but mixup)."""
     parts = [p.strip() for p in (config.augment or "none").lower().split("+")]
@@ -140,9 +148,7 @@ class Supervised(SegMethod):
 
     def __init__(self, config: Config, data_spec: DataSpec, **kwargs):
         config = resolve(config, data_spec)
-        network = unet.UNetConfig(filters=tuple(config.filters), norm=config.norm,
-                                  activation=config.activation, pooling=config.pooling,
-                                  upsampling=config.upsampling)
+        network = network_config(config)
         segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes, network,
                                     name="segmentor")
         terms = ("dice_loss", "ce_loss") if config.loss == "dice_ce" else ()
@@ -150,6 +156,7 @@ class Supervised(SegMethod):
                          pipeline_augment=pipeline_augment(config, data_spec.spatial_dims),
                          size_multiple=unet.size_multiple(network),
                          loss_names=("loss", *terms, "seg_grad_norm"), **kwargs)
+        self.network_config = network
         self.use_mixup = "mixup" in config.augment.lower().split("+")
 
     def make_optimizers(self):
@@ -170,12 +177,18 @@ class Supervised(SegMethod):
             return {"loss": losses.cross_entropy(targets, logits)}
         return {"loss": losses.cross_entropy(targets, logits, class_weights=weights)}
 
-    def train_step(self, data):
-        images = data["labeled"]["image"]                    # (B, *S, C)
-        targets = self.one_hot(data["labeled"]["label"])     # (B, *S, K)
+    def labeled_batch(self, data):
+        """Images (B, *S, C) and one-hot targets (B, *S, K) of the labeled batch, mixed up when
+        the augmentation asks for it (mixup needs the one-hot targets, so it is done here)."""
+        images = data["labeled"]["image"]
+        targets = self.one_hot(data["labeled"]["label"])
         if self.use_mixup:
             images, targets = augment_lib.mixup(images, targets, self.config.mixup_alpha,
                                                 self.next_seed())
+        return images, targets
+
+    def train_step(self, data):
+        images, targets = self.labeled_batch(data)           # (B, *S, C), (B, *S, K)
         with tf.GradientTape() as tape:
             # 1. forward
             logits = self.segmentor(images, training=True)   # (B, *S, K) float32

@@ -29,6 +29,19 @@ PAPER_ENCODER_FILTERS = (128, 256, 512)
 PAPER_LATENT_DIM = 200
 
 
+def _check_positive_int(value, name: str, builder: str) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{builder}: {name}={value!r} must be a positive int.")
+
+
+def _check_range(pair: Sequence[float], name: str, builder: str) -> tuple[float, float]:
+    """(low, high) as floats; ValueError unless low < high."""
+    low, high = (float(v) for v in pair)
+    if not low < high:
+        raise ValueError(f"{builder}: {name}={pair} must be (low, high) with low < high.")
+    return low, high
+
+
 def _check_filters(filters: Sequence[int], name: str) -> tuple[int, ...]:
     filters = tuple(filters)
     if not filters or any(not isinstance(f, int) or f < 1 for f in filters):
@@ -73,14 +86,9 @@ def build_generator(output_shape: Sequence[int], num_channels: int,
                          f"a multiple of {multiple} (2**{len(filters)} for {len(filters)} "
                          "generator levels); use a patch size such as 32 or fewer generator "
                          "filters.")
-    if not isinstance(num_channels, int) or num_channels < 1:
-        raise ValueError(f"build_generator: num_channels={num_channels!r} must be a positive int.")
-    if not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(f"build_generator: latent_dim={latent_dim!r} must be a positive int.")
-    low, high = (float(v) for v in output_range)
-    if not low < high:
-        raise ValueError(f"build_generator: output_range={output_range} must be (low, high) with "
-                         "low < high.")
+    _check_positive_int(num_channels, "num_channels", "build_generator")
+    _check_positive_int(latent_dim, "latent_dim", "build_generator")
+    low, high = _check_range(output_range, "output_range", "build_generator")
     grid = tuple(s // multiple for s in output_shape)
 
     z = keras.Input(shape=(latent_dim,), name="z")
@@ -124,12 +132,8 @@ def build_encoder(input_shape: Sequence[int], latent_dim: int = PAPER_LATENT_DIM
     if len(input_shape) != 4 or any(not isinstance(s, int) or s < 1 for s in input_shape):
         raise ValueError(f"build_encoder: input_shape={input_shape} must be four known positive "
                          "sizes (D, H, W, C).")
-    if not isinstance(kernel_size, int) or kernel_size < 1:
-        raise ValueError(f"build_encoder: kernel_size={kernel_size!r} must be a positive int.")
-    low, high = (float(v) for v in log_sigma_range)
-    if not low < high:
-        raise ValueError(f"build_encoder: log_sigma_range={log_sigma_range} must be (low, high) "
-                         "with low < high.")
+    _check_positive_int(kernel_size, "kernel_size", "build_encoder")
+    low, high = _check_range(log_sigma_range, "log_sigma_range", "build_encoder")
 
     x_in = keras.Input(shape=input_shape, name="image")
     x = x_in
