@@ -31,12 +31,16 @@ def _config(tmp_path, **changes):
     return study.StudyConfig(**values)
 
 
-def fabricate_run(config, spec, dice, hd95=None):
+def fabricate_run(config, spec, dice, hd95=None, labeled_subjects=None):
     """Writes a finished run: metrics.csv, summary.json (test split) and the study request.
 
-    dice / hd95: {subject: [value per class]}.
+    dice / hd95: {subject: [value per class]}. labeled_subjects: also writes config.json with
+    that split.
     """
     os.makedirs(spec.run_dir, exist_ok=True)
+    if labeled_subjects is not None:
+        with open(os.path.join(spec.run_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump({"split": {"labeled": list(labeled_subjects), "val": ["v"]}}, f)
     hd95 = hd95 or {s: [10.0 + i for i in range(len(CLASSES))] for s in dice}
     with open(os.path.join(spec.run_dir, "metrics.csv"), "w", newline="",
               encoding="utf-8") as f:
@@ -264,6 +268,44 @@ def test_reports_and_plots_are_written(tmp_path):
     assert "n/a: all differences are zero" in markdown
     assert "(repeat, test subject)" in markdown
     assert "| task_aug | 3 | 1 | 1 | no | — |" in markdown  # unfinished run listed
+
+
+def test_labeled_draws_are_listed_and_duplicates_and_mismatches_flagged(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=3)
+    specs = study.plan_runs(config, {})  # r0: supervised, self_training; r1: ...; r2: ...
+    dice = {f"s{i}": [0.5, 0.6, 0.7] for i in range(3)}
+    draws = {0: ["p07"], 1: ["p18"], 2: ["p18"]}
+    for spec in specs:
+        subjects = draws[spec.repeat]
+        if spec.repeat == 0 and spec.method == "self_training":
+            subjects = ["p09"]  # not the subject supervised trained on in repeat 0
+        fabricate_run(config, spec, dice, labeled_subjects=subjects)
+    result = study.aggregate_study(config, specs)
+    info = result["labeled_draws"]
+    assert info["draws"] == [{"labeled": 1, "repeat": 0, "seed": 0, "subjects": ["p07"]},
+                             {"labeled": 1, "repeat": 1, "seed": 1, "subjects": ["p18"]},
+                             {"labeled": 1, "repeat": 2, "seed": 2, "subjects": ["p18"]}]
+    assert info["duplicates"] == [{"labeled": 1, "repeats": [1, 2], "subjects": ["p18"]}]
+    assert info["mismatches"] == [{"labeled": 1, "repeat": 0,
+                                   "methods": ["supervised", "self_training"],
+                                   "subjects": [["p07"], ["p09"]]}]
+    assert [r["labeled_subjects"] for r in result["runs"]][:2] == [["p07"], ["p09"]]
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        markdown = f.read()
+    assert "| 1 | 2 | 2 | p18 |" in markdown
+    assert "repeats 1, 2 drew the same labeled subjects (p18)" in markdown
+    assert "repeat 0: supervised trained on p07 but self_training on p09" in markdown
+    # Distinct draws, consistent arms, or runs without config.json: no warning.
+    for spec in specs:
+        fabricate_run(config, spec, dice, labeled_subjects=[f"p{spec.repeat}"])
+    clean = study.aggregate_study(config, specs)["labeled_draws"]
+    assert (len(clean["draws"]), clean["duplicates"], clean["mismatches"]) == (3, [], [])
+    for spec in specs:
+        os.remove(os.path.join(spec.run_dir, "config.json"))
+    result = study.aggregate_study(config, specs)
+    assert result["labeled_draws"] == {"draws": [], "mismatches": [], "duplicates": []}
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        assert "Labeled draws" not in f.read()
 
 
 # --------------------------------------------------------------------------- running and resume

@@ -14,6 +14,9 @@
    `metrics.csv` are present is skipped; an unfinished one resumes through launch.train's own
    resume. A progress line with an ETA follows every run;
 4. aggregates (`aggregate_study`) into `out_dir/study.json`, `out_dir/study.md` and PNG plots.
+   study.md lists the labeled subjects of every repeat (from each run's config.json) and warns
+   when two repeats drew the same ones (possible for small pools: the draws are independent) or
+   when the arms of one repeat did not train on the same subjects (then they are not paired).
 
 Statistics. Per method × N × class (plus "mean", each subject's mean over the foreground
 classes): mean, population std (ddof=0, as summary.json) and median of the per-subject Dice and
@@ -455,6 +458,46 @@ def run_values(run_dir: str) -> tuple[list[str], dict[str, dict[str, dict[str, f
     return classes, values
 
 
+def run_labeled_subjects(run_dir: str) -> list[str] | None:
+    """The labeled training subjects a run used (its config.json's split), or None if unknown."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            labeled = (json.load(f).get("split") or {}).get("labeled")
+    except (OSError, ValueError):
+        return None
+    return sorted(map(str, labeled)) if isinstance(labeled, list) else None
+
+
+def labeled_draws(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The labeled subjects of each (budget, repeat), and what breaks the study's design.
+
+    Returns {"draws": [{"labeled", "repeat", "seed", "subjects"}], "mismatches": [...],
+    "duplicates": [...]}: a mismatch is a (budget, repeat) whose runs did not all train on the same
+    subjects (their results are then not paired); a duplicate is a set of repeats of one budget
+    that drew the same labeled subjects (the study has fewer distinct labeled draws than repeats).
+    """
+    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    mismatches = []
+    for r in runs:
+        if r.get("labeled_subjects") is None:
+            continue
+        key = (r["labeled"], r["repeat"])
+        draw = seen.setdefault(key, {"labeled": r["labeled"], "repeat": r["repeat"],
+                                     "seed": r["split_seed"],
+                                     "subjects": r["labeled_subjects"], "method": r["method"]})
+        if draw["subjects"] != r["labeled_subjects"]:
+            mismatches.append({"labeled": r["labeled"], "repeat": r["repeat"],
+                               "methods": [draw["method"], r["method"]],
+                               "subjects": [draw["subjects"], r["labeled_subjects"]]})
+    draws = [{k: v for k, v in d.items() if k != "method"} for _, d in sorted(seen.items())]
+    groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    for d in draws:
+        groups.setdefault((d["labeled"], tuple(d["subjects"])), []).append(d["repeat"])
+    duplicates = [{"labeled": n, "repeats": repeats, "subjects": list(subjects)}
+                  for (n, subjects), repeats in groups.items() if len(repeats) > 1]
+    return {"draws": draws, "mismatches": mismatches, "duplicates": duplicates}
+
+
 def describe(values: Sequence[float]) -> dict[str, Any]:
     """n, mean, population std and median (None when empty)."""
     array = np.asarray(values, dtype=np.float64)
@@ -515,7 +558,8 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
         entry = {"method": spec.method, "labeled": spec.labeled, "repeat": spec.repeat,
                  "split_seed": spec.seed, "seed": spec.seed,
                  "run_dir": os.path.relpath(spec.run_dir, config.out_dir), "complete": complete,
-                 "seconds": record.get("seconds"), "mean_dice": None}
+                 "seconds": record.get("seconds"), "mean_dice": None,
+                 "labeled_subjects": run_labeled_subjects(spec.run_dir)}
         if complete:
             run_classes, run = run_values(spec.run_dir)
             classes = classes or run_classes
@@ -563,7 +607,7 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
         "min_pairs": config.min_pairs, "num_runs": len(runs),
         "num_complete": sum(r["complete"] for r in runs),
         "total_seconds": float(sum(seconds)), "runs": runs, "results": results,
-        "comparisons": comparisons,
+        "comparisons": comparisons, "labeled_draws": labeled_draws(runs),
     }
     os.makedirs(config.out_dir, exist_ok=True)
     result["plots"] = write_plots(result, values, config.out_dir) if names else {}
@@ -663,6 +707,7 @@ def study_markdown(result: Mapping[str, Any]) -> str:
         lines += ["## Plots", "", f"![Dice vs labeled subjects]({plots['label_efficiency']})", ""]
         for n, path in plots.get("boxplots", {}).items():
             lines += [f"![Dice per class, {n} labeled]({path})", ""]
+    lines += _draws_markdown(result.get("labeled_draws") or {})
     lines += ["## Runs", "", "| Method | labeled | repeat | seed | finished | mean Dice | "
               "seconds | folder |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
@@ -672,6 +717,30 @@ def study_markdown(result: Mapping[str, Any]) -> str:
                      f"{'yes' if r['complete'] else 'no'} | {dice} | {seconds} | "
                      f"{r['run_dir']} |")
     return "\n".join(lines) + "\n"
+
+
+def _draws_markdown(info: Mapping[str, Any]) -> list[str]:
+    """The "Labeled draws" section: subjects per (budget, repeat) and the design warnings."""
+    if not info.get("draws"):
+        return []
+    lines = ["## Labeled draws", "", "| labeled | repeat | split seed | labeled subjects |",
+             "|---|---|---|---|"]
+    lines += [f"| {d['labeled']} | {d['repeat']} | {d['seed']} | {', '.join(d['subjects'])} |"
+              for d in info["draws"]]
+    lines.append("")
+    for d in info.get("duplicates", []):
+        lines.append(f"**Warning:** with {d['labeled']} labeled, repeats "
+                     f"{', '.join(map(str, d['repeats']))} drew the same labeled subjects "
+                     f"({', '.join(d['subjects'])}); they differ in seed, validation and test "
+                     "subjects, but the study has fewer distinct labeled draws than repeats.")
+    for m in info.get("mismatches", []):
+        lines.append(f"**Warning:** with {m['labeled']} labeled, repeat {m['repeat']}: "
+                     f"{m['methods'][0]} trained on {', '.join(m['subjects'][0])} but "
+                     f"{m['methods'][1]} on {', '.join(m['subjects'][1])}; their results are not"
+                     " paired (were the records or the dataset changed between runs?).")
+    if info.get("duplicates") or info.get("mismatches"):
+        lines.append("")
+    return lines
 
 
 def write_plots(result: Mapping[str, Any], values, out_dir: str) -> dict[str, Any]:
