@@ -48,7 +48,12 @@ flags.DEFINE_integer("steps", None, "Training steps of every run (default: the m
 flags.DEFINE_integer("validation_every", None, "Steps between validation rounds.", **_F)
 flags.DEFINE_integer("num_val", None, "Validation patients per draw (default: 10%).", **_F)
 flags.DEFINE_integer("num_test", None, "Test patients per draw (default: 25%).", **_F)
-flags.DEFINE_integer("seed", 0, "Base seed: repeat k uses split and training seed seed+k.", **_F)
+flags.DEFINE_integer("seed", 0, "Base seed: repeat 0 uses split and training seed --seed, "
+                     "repeat k the seeds after it (see --draws).", **_F)
+flags.DEFINE_enum("draws", "distinct", ["distinct", "independent"],
+                  "distinct: each repeat's seed is the next one whose labeled subjects differ "
+                  "from the earlier repeats'; independent: repeat k uses seed + k (repeats may "
+                  "draw the same subjects).", **_F)
 flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing (MR).", **_F)
 flags.DEFINE_string("records_root", "records", "Folder of preprocessed records and splits.", **_F)
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
@@ -103,13 +108,14 @@ def main(argv) -> int:
             baseline=FLAGS.baseline, steps=FLAGS.steps, validation_every=FLAGS.validation_every,
             n4=FLAGS.n4, num_val=FLAGS.num_val, num_test=FLAGS.num_test,
             records_root=FLAGS.records_root, preprocess_workers=FLAGS.preprocess_workers,
-            seed=FLAGS.seed, export=FLAGS.export, min_pairs=FLAGS.min_pairs)
+            seed=FLAGS.seed, export=FLAGS.export, min_pairs=FLAGS.min_pairs,
+            draws=FLAGS.draws)
         per_method = study.check_config(config)  # names, preset, every --set: before any run
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     try:
         if FLAGS.aggregate_only:
-            result = study.aggregate_study(config, study.plan_runs(config, per_method))
+            result = study.aggregate_study(config, study.plan_study(config, per_method))
         else:
             result = study.run_study(config, progress=_print)
     except ValueError as error:

@@ -19,6 +19,7 @@ from scipy import stats
 
 from launch import study as study_cli
 from tfseg import study
+from tfseg.data import splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("rv", "myo", "lv")
@@ -31,16 +32,33 @@ def _config(tmp_path, **changes):
     return study.StudyConfig(**values)
 
 
-def fabricate_run(config, spec, dice, hd95=None, labeled_subjects=None):
+def write_records(folder, labeled=20, image_only=2):
+    """A records folder whose manifest.json lists patients p00.. (labeled) and u00.. (images)."""
+    subjects = {f"p{i:02d}": {"patient_id": f"p{i:02d}", "labeled": True} for i in range(labeled)}
+    subjects.update({f"u{i:02d}": {"patient_id": f"u{i:02d}", "labeled": False}
+                     for i in range(image_only)})
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump({"subjects": subjects}, f)
+    return str(folder)
+
+
+def fabricate_run(config, spec, dice, hd95=None, labeled_subjects=None, records_dir=None):
     """Writes a finished run: metrics.csv, summary.json (test split) and the study request.
 
-    dice / hd95: {subject: [value per class]}. labeled_subjects: also writes config.json with
-    that split.
+    dice / hd95: {subject: [value per class]}. labeled_subjects / records_dir: also writes
+    config.json with that split and records folder (by default the split launch.train would
+    draw from that folder's manifest).
     """
     os.makedirs(spec.run_dir, exist_ok=True)
+    if records_dir is not None and labeled_subjects is None:
+        pools = splits.patient_pools(_manifest(records_dir))
+        labeled_subjects = splits.draw_split(*pools, spec.labeled, spec.seed, config.num_val,
+                                             config.num_test).labeled
     if labeled_subjects is not None:
         with open(os.path.join(spec.run_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump({"split": {"labeled": list(labeled_subjects), "val": ["v"]}}, f)
+            json.dump({"split": {"labeled": list(labeled_subjects), "val": ["v"]},
+                       "records_dir": records_dir}, f)
     hd95 = hd95 or {s: [10.0 + i for i in range(len(CLASSES))] for s in dice}
     with open(os.path.join(spec.run_dir, "metrics.csv"), "w", newline="",
               encoding="utf-8") as f:
@@ -55,6 +73,11 @@ def fabricate_run(config, spec, dice, hd95=None, labeled_subjects=None):
         json.dump({"split": "test", "num_subjects": len(dice)}, f)
     with open(os.path.join(spec.run_dir, study.REQUEST_NAME), "w", encoding="utf-8") as f:
         json.dump({"request": spec.request(config), "seconds": 10.0}, f)
+
+
+def _manifest(records_dir):
+    with open(os.path.join(records_dir, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------- overrides and plan
@@ -305,23 +328,114 @@ def test_labeled_draws_are_listed_and_duplicates_and_mismatches_flagged(tmp_path
     result = study.aggregate_study(config, specs)
     assert result["labeled_draws"] == {"draws": [], "mismatches": [], "duplicates": []}
     with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
-        assert "Labeled draws" not in f.read()
+        assert "## Labeled draws" not in f.read()
+
+
+def _colliding_seed(pools, num_labeled=1):
+    """A base seed b whose drawn labeled subjects are the same with split seeds b+1 and b+2."""
+    def draw(seed):
+        return splits.draw_split(*pools, num_labeled, seed).labeled
+    return next(b for b in range(500) if draw(b + 1) == draw(b + 2))
+
+
+def test_repeat_seeds_skip_seeds_that_repeat_a_labeled_draw(tmp_path):
+    pools = splits.patient_pools(_manifest(write_records(tmp_path / "records")))
+    base = _colliding_seed(pools)
+    config = _config(tmp_path, labeled=(1,), repeats=3, seed=base)
+    independent = study.repeat_seeds(dataclasses.replace(config, draws="independent"), pools)
+    assert independent == [base, base + 1, base + 2]
+    seeds = study.repeat_seeds(config, pools)
+    draws = [splits.draw_split(*pools, 1, seed).labeled for seed in seeds]
+    assert seeds[:2] == [base, base + 1] and seeds[2] > base + 2  # only the repeat is moved
+    assert len(set(draws)) == 3
+    for skipped in range(base + 2, seeds[2]):  # every seed in between repeats a draw
+        assert splits.draw_split(*pools, 1, skipped).labeled in draws[:2]
+    # Unknown pool: only repeat 0's seed is known; one repeat: nothing to choose.
+    assert study.repeat_seeds(config, None) == [base, None, None]
+    assert study.repeat_seeds(dataclasses.replace(config, repeats=1), None) == [base]
+    # Distinct at every budget.
+    config = _config(tmp_path, labeled=(1, 2), repeats=6)
+    seeds = study.repeat_seeds(config, pools)
+    for n in (1, 2):
+        assert len({splits.draw_split(*pools, n, seed).labeled for seed in seeds}) == 6
+    # Fewer possible draws than repeats (3 candidates for 1 labeled): the study goes on.
+    tiny = ([f"p{i}" for i in range(5)], [])
+    config = _config(tmp_path, labeled=(1,), repeats=4, num_val=1, num_test=1)
+    seeds = study.repeat_seeds(config, tiny)
+    assert len(seeds) == 4 and seeds == sorted(set(seeds))
+    assert len({splits.draw_split(*tiny, 1, s, 1, 1).labeled for s in seeds[:3]}) == 3
+
+
+def test_distinct_draws_run_on_the_chosen_seeds_and_refuse_independent_folders(tmp_path):
+    records = write_records(tmp_path / "records")
+    pools = splits.patient_pools(_manifest(records))
+    base = _colliding_seed(pools)
+    config = _config(tmp_path, methods=("supervised",), labeled=(1,), repeats=3, seed=base)
+    calls, lines = [], []
+    result = study.run_study(config, runner=_fake_runner(config, calls, records_dir=records),
+                             progress=lines.append)
+    expected = study.repeat_seeds(config, pools)
+    assert expected[2] != base + 2
+    assert [r["split_seed"] for r in result["runs"]] == expected
+    with open(os.path.join(calls[2], study.REQUEST_NAME), encoding="utf-8") as f:
+        assert json.load(f)["request"]["split_seed"] == expected[2]
+    assert result["labeled_draws"]["duplicates"] == []
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        markdown = f.read()
+    assert f"| supervised | 1 | 2 | {expected[2]} | yes |" in markdown
+    assert "the next seed whose labeled subjects no earlier repeat drew" in markdown
+    # The same study with independent draws repeats a labeled subject, and says so ...
+    independent = dataclasses.replace(config, draws="independent",
+                                      out_dir=str(tmp_path / "independent"))
+    result = study.run_study(independent, runner=_fake_runner(independent, [], records_dir=records),
+                             progress=lines.append)
+    assert [r["split_seed"] for r in result["runs"]] == [base, base + 1, base + 2]
+    assert result["labeled_draws"]["duplicates"][0]["repeats"] == [1, 2]
+    # ... and its folders are not mistaken for the distinct study's.
+    moved = dataclasses.replace(config, out_dir=independent.out_dir)
+    with pytest.raises(ValueError, match=r"r2 holds a run made with other settings \(differs "
+                                         r"in: split_seed, seed\)"):
+        study.run_study(moved, runner=_fake_runner(moved, [], records_dir=records),
+                        progress=lines.append)
+
+
+def test_distinct_draws_need_the_records_of_a_finished_run(tmp_path):
+    config = _config(tmp_path, methods=("supervised",), labeled=(1,), repeats=2)
+
+    def runner(argv, log_path):  # finishes runs but writes no config.json
+        run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_dir="))
+        spec = next(s for s in study.plan_runs(config, {}) if os.path.abspath(s.run_dir) == run_dir)
+        fabricate_run(config, spec, {"s0": [0.5, 0.6, 0.7]})
+        return 0
+
+    with pytest.raises(ValueError, match="Cannot choose distinct labeled draws for repeat 1.*"
+                                         "--draws=independent"):
+        study.run_study(config, runner=runner, progress=lambda line: None)
+    result = study.run_study(dataclasses.replace(config, draws="independent"), runner=runner,
+                             progress=lambda line: None)
+    assert result["num_complete"] == 2
+    with pytest.raises(ValueError, match="--draws=sometimes: choose one of distinct, independent"):
+        _config(tmp_path, draws="sometimes")
 
 
 # --------------------------------------------------------------------------- running and resume
-def _fake_runner(config, calls, fail_on=None):
-    """Stands in for launch.train: records the call and writes a finished run."""
+def _fake_runner(config, calls, fail_on=None, records_dir=None):
+    """Stands in for launch.train: records the call and writes a finished run (drawing its
+    labeled subjects from `records_dir`'s manifest with the --split_seed it is given)."""
     specs = {os.path.abspath(s.run_dir): s for s in study.plan_runs(config, {})}
+    records_dir = records_dir or write_records(os.path.join(config.out_dir, "..", "records"))
 
     def runner(argv, log_path):
         run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_dir="))
+        seed = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--split_seed=")))
         calls.append(run_dir)
-        spec = specs[run_dir]
+        spec = dataclasses.replace(specs[run_dir], seed=seed)
         if fail_on == (spec.method, spec.labeled, spec.repeat):
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write("Traceback...\nlaunch.train: error: the split is too small.\n")
             return 1
-        fabricate_run(config, spec, {f"s{i}": [0.5, 0.6, 0.7] for i in range(3)})
+        fabricate_run(config, spec, {f"s{i}": [0.5, 0.6, 0.7] for i in range(3)},
+                      records_dir=records_dir)
         return 0
 
     return runner
@@ -397,6 +511,8 @@ def test_cli_errors_before_anything_runs(tmp_path, capsys):
          r"unknown method\(s\) nope in --methods"),
         (["--dataset=synthetic_cardiac", "--methods=supervised,RD=supervised", "--labeled=1",
           "--set=RD:rounds=1"], r"Method 'RD' \(supervised\).*no field 'rounds'"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--draws=sometimes"], r"--draws.*distinct, independent|distinct.*independent"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -465,6 +581,9 @@ def test_synthetic_study_killed_then_resumed(tmp_path, capsys):
         result = json.load(f)
     assert result["num_complete"] == 4 and result["classes"] == ["rv", "myocardium", "lv",
                                                                    "mean"]
+    draws = result["labeled_draws"]  # distinct draws (the default), read from the records
+    assert [d["repeat"] for d in draws["draws"]] == [0, 1] and draws["duplicates"] == []
+    assert draws["draws"][0]["subjects"] != draws["draws"][1]["subjects"]
     # The p-values recomputed from the runs' metrics.csv, paired on (repeat, subject).
     values = {}
     for run in result["runs"]:

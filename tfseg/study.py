@@ -5,10 +5,15 @@
    `--set` override against each method's `Config` (`check_config`), and that run folders left
    by an earlier invocation were made with the same settings;
 2. plans every (number of labeled subjects N × repeat k × method) as one ordinary training run in
-   `out_dir/runs/<method>/l<N>/r<k>/`. Repeat k draws its labeled subjects with split seed
-   `seed + k` and trains with the same seed, for every method: the methods see the same labeled,
+   `out_dir/runs/<method>/l<N>/r<k>/`. Repeat k draws its labeled subjects with split seed s_k
+   and trains with the same seed, for every method: the methods see the same labeled,
    validation and test subjects in repeat k, so their per-subject results are paired. The test
-   and validation subjects of a draw do not depend on N (`tfseg.data.splits.draw_split`);
+   and validation subjects of a draw do not depend on N (`tfseg.data.splits.draw_split`).
+   `draws="independent"`: s_k = seed + k, so two repeats can draw the same labeled subjects (a
+   small pool makes that likely). `draws="distinct"` (default): s_0 = seed, and s_k is the first
+   seed after s_{k-1} whose labeled subjects differ, at every budget, from those of the earlier
+   repeats (`repeat_seeds`; the same seeds as "independent" when nothing repeats). The pool is
+   read from the records' manifest once the first run has preprocessed them;
 3. runs each unfinished run as a `python -m launch.train` subprocess (which isolates TensorFlow's
    state and memory per run and dies with the study). A run whose `summary.json` (test split) and
    `metrics.csv` are present is skipped; an unfinished one resumes through launch.train's own
@@ -58,8 +63,12 @@ LOG_NAME = "study_train.log"
 METRICS = ("dice", "hd95_mm")
 MEAN_CLASS = "mean"
 PAIRING_KEY = ("Pairs are matched on (repeat, test subject): in repeat k both methods were trained "
-               "on the same labeled draw (split seed = seed + k) and evaluated on the same test "
+               "on the same labeled draw (the repeat's split seed) and evaluated on the same test "
                "subjects; pairs are pooled over repeats.")
+DRAWS = ("distinct", "independent")
+# Seeds tried per repeat for a labeled draw that no earlier repeat made (then the study goes on
+# with a repeated draw, which study.md reports).
+MAX_SEED_TRIES = 1000
 STD_NOTE = "population standard deviation (ddof=0) over test subjects pooled over repeats"
 _REQUEST_KEYS = ("method", "dataset", "dataset_options", "labeled", "repeat", "split_seed", "seed",
                  "preset", "overrides", "steps", "validation_every", "n4", "num_val", "num_test")
@@ -76,7 +85,9 @@ class StudyConfig:
         (`--set=RDRI:augment=affine+elastic+intensity`). Stored as the labels; `arms` maps each
         label to its method. Labels name the run folders, the table rows and `baseline`.
       labeled: numbers of labeled subjects (budgets), e.g. (1, 3).
-      repeats: labeled draws per budget; repeat k uses split seed and training seed `seed + k`.
+      repeats: labeled draws per budget; repeat k uses split seed and training seed s_k.
+      draws: "distinct" (s_k skips seeds that would repeat an earlier repeat's labeled subjects)
+        or "independent" (s_k = seed + k); see the module docstring.
       out_dir: the study folder (runs/, study.json, study.md, plots/).
       preset: method preset for every method (e.g. "quick").
       overrides: "name=value" (every method whose Config has the field) or
@@ -112,6 +123,7 @@ class StudyConfig:
     export: bool = False
     min_pairs: int = 5
     arms: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    draws: str = "distinct"
 
     def __post_init__(self):
         for name in ("methods", "labeled", "overrides"):
@@ -143,6 +155,8 @@ class StudyConfig:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}.")
         if self.min_pairs < 1:
             raise ValueError(f"min_pairs must be >= 1, got {self.min_pairs}.")
+        if self.draws not in DRAWS:
+            raise ValueError(f"--draws={self.draws}: choose one of {', '.join(DRAWS)}.")
         for pair in self.compare:
             if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(self.methods):
                 raise ValueError(f"--compare pair {':'.join(pair)}: expected two different "
@@ -175,7 +189,7 @@ class RunSpec:
     method: str
     labeled: int
     repeat: int
-    seed: int
+    seed: int | None  # None: a distinct draw not yet chosen (the records are not read yet)
     run_dir: str
     overrides: tuple[str, ...]
     module: str = ""
@@ -288,12 +302,75 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
     return per_method
 
 
-def plan_runs(config: StudyConfig, per_method: Mapping[str, Sequence[str]]) -> list[RunSpec]:
-    """Every run, budget-major then repeat then method (so an interrupted study has pairs)."""
-    return [RunSpec(label, n, k, config.seed + k,
+def plan_runs(config: StudyConfig, per_method: Mapping[str, Sequence[str]],
+              seeds: Sequence[int | None] | None = None) -> list[RunSpec]:
+    """Every run, budget-major then repeat then method (so an interrupted study has pairs).
+
+    seeds: the split (and training) seed of each repeat (`repeat_seeds`); default seed + k.
+    """
+    seeds = list(seeds) if seeds is not None else [config.seed + k for k in range(config.repeats)]
+    return [RunSpec(label, n, k, seeds[k],
                     os.path.join(config.out_dir, RUNS_DIR, label, f"l{n}", f"r{k}"),
                     tuple(per_method.get(label, ())), config.arms[label])
             for n in config.labeled for k in range(config.repeats) for label in config.methods]
+
+
+def repeat_seeds(config: StudyConfig,
+                 pools: tuple[Sequence[str], Sequence[str]] | None) -> list[int | None]:
+    """The split seed of each repeat (module docstring, step 2).
+
+    Args:
+      pools: (labeled patients, image-only patients) of the records (`splits.patient_pools`);
+        None while unknown: then only repeat 0's seed is known for distinct draws.
+    """
+    independent = [config.seed + k for k in range(config.repeats)]
+    if config.draws == "independent" or config.repeats == 1:
+        return independent
+    if pools is None:
+        return [config.seed] + [None] * (config.repeats - 1)
+    from tfseg.data.splits import draw_split
+
+    def labeled_sets(seed: int) -> dict[int, tuple[str, ...]]:
+        return {n: draw_split(pools[0], pools[1], n, seed, config.num_val,
+                              config.num_test).labeled for n in config.labeled}
+
+    seeds: list[int | None] = []
+    taken: dict[int, set[tuple[str, ...]]] = {n: set() for n in config.labeled}
+    candidate = config.seed
+    for _ in range(config.repeats):
+        for tried in range(MAX_SEED_TRIES):
+            sets = labeled_sets(candidate + tried)
+            if all(sets[n] not in taken[n] for n in config.labeled):
+                candidate += tried
+                break
+        else:  # fewer possible draws than repeats: go on with a repeated draw (reported)
+            sets = labeled_sets(candidate)
+        seeds.append(candidate)
+        for n in config.labeled:
+            taken[n].add(sets[n])
+        candidate += 1
+    return seeds
+
+
+def records_pools(run_dirs: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """The records' patient pools, via the records folder a run's config.json names (or None)."""
+    from tfseg.data.splits import patient_pools
+
+    for run_dir in run_dirs:
+        try:
+            with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+                records_dir = json.load(f).get("records_dir")
+            with open(os.path.join(str(records_dir), "manifest.json"), encoding="utf-8") as f:
+                return patient_pools(json.load(f))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return None
+
+
+def plan_study(config: StudyConfig, per_method: Mapping[str, Sequence[str]]) -> list[RunSpec]:
+    """plan_runs with the repeats' seeds as far as they are known."""
+    dirs = [s.run_dir for s in plan_runs(config, per_method)]
+    return plan_runs(config, per_method, repeat_seeds(config, records_pools(dirs)))
 
 
 def _arm_name(config: StudyConfig, label: str) -> str:
@@ -328,7 +405,8 @@ def check_existing(config: StudyConfig, specs: Sequence[RunSpec]) -> None:
         if record is None:
             continue
         old, new = record.get("request", {}), spec.request(config)
-        differs = [k for k in _REQUEST_KEYS if old.get(k) != new.get(k)]
+        unknown = ("split_seed", "seed") if spec.seed is None else ()  # checked once known
+        differs = [k for k in _REQUEST_KEYS if k not in unknown and old.get(k) != new.get(k)]
         if differs:
             raise ValueError(f"{spec.run_dir} holds a run made with other settings (differs in: "
                              f"{', '.join(differs)}). Use another --out, or delete that folder "
@@ -399,14 +477,26 @@ def run_study(config: StudyConfig, runner: Callable[[Sequence[str], str], int] |
     """
     runner = runner or subprocess_runner
     per_method = check_config(config)
-    specs = plan_runs(config, per_method)
+    specs = plan_study(config, per_method)
     check_existing(config, specs)
-    todo = [s for s in specs if not is_complete(s.run_dir)]
+    todo = [s.run_dir for s in specs if not is_complete(s.run_dir)]
     progress(f"Study {config.out_dir}: {len(specs)} runs ({len(config.methods)} methods × "
              f"{len(config.labeled)} budgets × {config.repeats} repeats); "
              f"{len(specs) - len(todo)} already finished, {len(todo)} to run.")
     started, durations = time.time(), []
-    for position, spec in enumerate(todo, 1):
+    by_dir = {s.run_dir: s for s in specs}
+    for position, run_dir in enumerate(todo, 1):
+        spec = by_dir[run_dir]
+        if spec.seed is None:  # distinct draws: choose the seeds now that the records exist
+            specs = plan_study(config, per_method)
+            check_existing(config, specs)
+            by_dir = {s.run_dir: s for s in specs}
+            spec = by_dir[run_dir]
+            if spec.seed is None:
+                raise ValueError(
+                    f"Cannot choose distinct labeled draws for repeat {spec.repeat}: no finished "
+                    "run of this study names a readable records folder (config.json "
+                    "records_dir/manifest.json). Re-run, or use --draws=independent.")
         os.makedirs(spec.run_dir, exist_ok=True)
         record = _read_request(spec.run_dir) or {"request": spec.request(config), "seconds": 0.0}
         _write_json(os.path.join(spec.run_dir, REQUEST_NAME), record)
@@ -548,15 +638,16 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
     Unfinished runs are listed as such and left out of the statistics.
     """
     if specs is None:
-        specs = plan_runs(config, split_overrides(config.overrides, _fields_for(config)))
+        specs = plan_study(config, split_overrides(config.overrides, _fields_for(config)))
     runs, classes = [], []
     # values[method][N][class][metric] = {(repeat, subject): value}
     values: dict[str, dict[int, dict[str, dict[str, dict]]]] = {}
     for spec in specs:
         record = _read_request(spec.run_dir) or {}
         complete = is_complete(spec.run_dir)
+        seed = (record.get("request") or {}).get("split_seed", spec.seed)
         entry = {"method": spec.method, "labeled": spec.labeled, "repeat": spec.repeat,
-                 "split_seed": spec.seed, "seed": spec.seed,
+                 "split_seed": seed, "seed": seed,
                  "run_dir": os.path.relpath(spec.run_dir, config.out_dir), "complete": complete,
                  "seconds": record.get("seconds"), "mean_dice": None,
                  "labeled_subjects": run_labeled_subjects(spec.run_dir)}
@@ -600,7 +691,8 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
         "methods": list(config.methods), "arms": dict(config.arms),
         "arm_overrides": {s.method: list(s.overrides) for s in specs},
         "labeled": list(config.labeled),
-        "repeats": config.repeats, "seed": config.seed, "preset": config.preset,
+        "repeats": config.repeats, "seed": config.seed, "draws": config.draws,
+        "preset": config.preset,
         "overrides": list(config.overrides), "steps": config.steps,
         "baseline": config.baseline, "classes": names, "pairing": PAIRING_KEY,
         "std": STD_NOTE, "test": "scipy.stats.wilcoxon(a, b), two-sided, zero_method='wilcox'",
@@ -652,7 +744,10 @@ def study_markdown(result: Mapping[str, Any]) -> str:
              f"clock): {_duration(result['total_seconds'])}",
              f"- Preset: {result['preset'] or 'none'}; overrides: "
              f"{', '.join(result['overrides']) or 'none'}; steps: {result['steps'] or 'default'};"
-             f" repeat k uses split seed and training seed {result['seed']} + k.",
+             f" repeat k uses split seed and training seed "
+             + (f"{result['seed']} + k." if result.get("draws", "independent") == "independent"
+                else f"s_k: {result['seed']}, then the next seed whose labeled subjects no "
+                     "earlier repeat drew (see Labeled draws)."),
              f"- Cells: mean ± std (median) over test subjects pooled over repeats "
              f"({result['std']}); \"{MEAN_CLASS}\" = each subject's mean over the foreground "
              "classes. Per-subject values from each run's metrics.csv (test split, original "
