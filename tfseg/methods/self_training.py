@@ -64,7 +64,9 @@ class Config(supervised.Config):
 
 
 PRESETS = {
-    # Minutes on 2 CPU cores with synthetic_cardiac: 200 supervised steps + 2 rounds of 100.
+    # `python -m launch.train --method=self_training --dataset=synthetic_cardiac --preset=quick`:
+    # 11 min wall (6 min CPU, N4 preprocessing included) on 2 shared cores, test mean Dice 0.23.
+    # 200 supervised steps + 2 rounds of 100 (a smoke-level budget: no augmentation).
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "steps": 200, "round_steps": 100,
               "validation_every": 100},
 }

@@ -70,7 +70,8 @@ class Config:
 
 
 PRESETS = {
-    # A few minutes on 2 CPU cores with synthetic_cardiac (96×96 slices). With one labeled
+    # `python -m launch.train --method=supervised --dataset=synthetic_cardiac --preset=quick`:
+    # 3.7 min wall on 2 shared cores, test mean Dice 0.488 (README). With one labeled
     # patient the plain U-Net overfits within a few hundred steps (test Dice 0.20 after 400
     # steps without augmentation); the paper's affine augmentation lifts it to 0.51 at 800 steps.
     # `--set=augment=none` gives the paper's "no augmentation" row.

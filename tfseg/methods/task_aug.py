@@ -130,7 +130,9 @@ SPATIAL_DIMS = (2,)
 MIN_EXAMPLE_SIZE = 32
 
 PRESETS = {
-    # A few minutes on 2 CPU cores with synthetic_cardiac (96×96 slices). The exported (final)
+    # `python -m launch.train --method=task_aug --dataset=synthetic_cardiac --preset=quick`:
+    # 12 min wall (14 min CPU) on 2 shared cores, test mean Dice 0.706 (README; supervised quick
+    # 0.488). The exported (final)
     # segmentor gets the supervised quick preset's 800 steps, as the paper trains every
     # segmentor for the same number of iterations.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
