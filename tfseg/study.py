@@ -20,8 +20,9 @@
    resume. A progress line with an ETA follows every run;
 4. aggregates (`aggregate_study`) into `out_dir/study.json`, `out_dir/study.md` and PNG plots.
    study.md lists the labeled subjects of every repeat (from each run's config.json) and warns
-   when two repeats drew the same ones (possible for small pools: the draws are independent) or
-   when the arms of one repeat did not train on the same subjects (then they are not paired).
+   when two repeats drew the same ones (with `draws="independent"`, or with fewer possible
+   draws than repeats) or when the arms of one repeat did not train on the same subjects (then
+   they are not paired).
 
 Statistics. Per method × N × class (plus "mean", each subject's mean over the foreground
 classes): mean, population std (ddof=0, as summary.json) and median of the per-subject Dice and
