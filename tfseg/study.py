@@ -370,8 +370,9 @@ def records_pools(run_dirs: Sequence[str]) -> tuple[list[str], list[str]] | None
 
 def plan_study(config: StudyConfig, per_method: Mapping[str, Sequence[str]]) -> list[RunSpec]:
     """plan_runs with the repeats' seeds as far as they are known."""
-    dirs = [s.run_dir for s in plan_runs(config, per_method)]
-    return plan_runs(config, per_method, repeat_seeds(config, records_pools(dirs)))
+    specs = plan_runs(config, per_method)
+    seeds = repeat_seeds(config, records_pools([s.run_dir for s in specs]))
+    return [dataclasses.replace(s, seed=seeds[s.repeat]) for s in specs]
 
 
 def _arm_name(config: StudyConfig, label: str) -> str:
@@ -567,20 +568,18 @@ def labeled_draws(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     subjects (their results are then not paired); a duplicate is a set of repeats of one budget
     that drew the same labeled subjects (the study has fewer distinct labeled draws than repeats).
     """
-    seen: dict[tuple[int, int], dict[str, Any]] = {}
+    first: dict[tuple[int, int], Mapping[str, Any]] = {}  # (budget, repeat) -> its first run
     mismatches = []
     for r in runs:
         if r.get("labeled_subjects") is None:
             continue
-        key = (r["labeled"], r["repeat"])
-        draw = seen.setdefault(key, {"labeled": r["labeled"], "repeat": r["repeat"],
-                                     "seed": r["split_seed"],
-                                     "subjects": r["labeled_subjects"], "method": r["method"]})
-        if draw["subjects"] != r["labeled_subjects"]:
+        ref = first.setdefault((r["labeled"], r["repeat"]), r)
+        if ref["labeled_subjects"] != r["labeled_subjects"]:
             mismatches.append({"labeled": r["labeled"], "repeat": r["repeat"],
-                               "methods": [draw["method"], r["method"]],
-                               "subjects": [draw["subjects"], r["labeled_subjects"]]})
-    draws = [{k: v for k, v in d.items() if k != "method"} for _, d in sorted(seen.items())]
+                               "methods": [ref["method"], r["method"]],
+                               "subjects": [ref["labeled_subjects"], r["labeled_subjects"]]})
+    draws = [{"labeled": r["labeled"], "repeat": r["repeat"], "seed": r["split_seed"],
+              "subjects": r["labeled_subjects"]} for _, r in sorted(first.items())]
     groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     for d in draws:
         groups.setdefault((d["labeled"], tuple(d["subjects"])), []).append(d["repeat"])
