@@ -266,6 +266,40 @@ def test_aggregation_and_wilcoxon_match_an_independent_computation(tmp_path):
         stats.wilcoxon([a[k] for k in keys], [b[k] for k in keys]).pvalue, rel=1e-9)
 
 
+def test_hd95_tests_count_the_lower_distance_as_better_and_are_reported(tmp_path):
+    # task_aug: higher Dice on s0..s4 (lower on s5); lower HD95 on s0..s3 (higher on s4, s5)
+    config = _config(tmp_path, methods=("supervised", "task_aug"), labeled=(1,), repeats=1)
+    subjects = [f"s{i}" for i in range(6)]
+    base_dice = {s: [0.5, 0.6, 0.7] for s in subjects}
+    base_hd = {s: [10.0, 12.0, 14.0] for s in subjects}
+    dice = {s: [v + (0.05 * (i + 1) if i < 5 else -0.1) for v in base_dice[s]]
+            for i, s in enumerate(subjects)}
+    hd95 = {s: [v + (-1.5 * (i + 1) if i < 4 else 3.0 + i) for v in base_hd[s]]
+            for i, s in enumerate(subjects)}
+    [sup, aug] = study.plan_runs(config, {})
+    fabricate_run(config, sup, base_dice, hd95=base_hd)
+    fabricate_run(config, aug, dice, hd95=hd95)
+    result = study.aggregate_study(config, study.plan_runs(config, {}))
+    tests = {t["metric"]: t for t in result["comparisons"]
+             if (t["a"], t["b"], t["class"]) == ("task_aug", "supervised", "mean")}
+    assert (tests["dice"]["a_better"], tests["dice"]["b_better"]) == (5, 1)
+    assert (tests["hd95_mm"]["a_better"], tests["hd95_mm"]["b_better"]) == (4, 2)
+    a = [np.mean(hd95[s]) for s in subjects]
+    b = [np.mean(base_hd[s]) for s in subjects]
+    assert tests["hd95_mm"]["mean_difference"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert tests["hd95_mm"]["p_value"] == pytest.approx(stats.wilcoxon(a, b).pvalue, rel=1e-9)
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        markdown = f.read()
+    section = markdown[markdown.index("## Paired Wilcoxon"):markdown.index("## Plots")]
+    dice_part, hd_part = section.split("### HD95 (mm)")
+    assert "### Dice" in dice_part
+    assert "| task_aug vs supervised | 1 | mean | 6 | +0.1083 |" in dice_part
+    assert f"| 5 / 1 | {tests['dice']['p_value']:.4g} |" in dice_part  # Δ (0.05+…+0.25−0.1)/6
+    delta = tests["hd95_mm"]["mean_difference"]
+    assert f"| task_aug vs supervised | 1 | mean | 6 | {delta:+.2f} |" in hd_part
+    assert f"| 4 / 2 | {tests['hd95_mm']['p_value']:.4g} |" in hd_part
+
+
 def test_reports_and_plots_are_written(tmp_path):
     config, _ = _fabricated_study(tmp_path)
     result = study.aggregate_study(config, study.plan_runs(config, {}))

@@ -62,6 +62,7 @@ PLOTS_DIR = "plots"
 REQUEST_NAME = "study_run.json"
 LOG_NAME = "study_train.log"
 METRICS = ("dice", "hd95_mm")
+LOWER_IS_BETTER = frozenset({"hd95_mm"})  # distances: a lower value is the better one
 MEAN_CLASS = "mean"
 PAIRING_KEY = ("Pairs are matched on (repeat, test subject): in repeat k both methods were trained "
                "on the same labeled draw (the repeat's split seed) and evaluated on the same test "
@@ -598,17 +599,19 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
 
 
 def paired_wilcoxon(a: Mapping[Any, float], b: Mapping[Any, float],
-                    min_pairs: int = 5) -> dict[str, Any]:
+                    min_pairs: int = 5, lower_is_better: bool = False) -> dict[str, Any]:
     """Two-sided Wilcoxon signed-rank test of a vs b on their common keys.
 
     Args:
       a, b: pairing key (repeat, subject) -> value.
       min_pairs: fewer common keys -> "n/a".
+      lower_is_better: the metric is a distance (HD95): "better" counts lower values.
 
     Returns:
       {"n_pairs", "n_nonzero", "mean_difference", "median_difference" (a − b), "a_better",
-       "b_better" (counts of higher values), "statistic", "p_value", "note"}; p_value and
-       statistic are None with a reason in "note" for degenerate cases.
+       "b_better" (counts of pairs where that side is better: higher Dice, or lower values
+       with lower_is_better), "statistic", "p_value", "note"}; p_value and statistic are None
+       with a reason in "note" for degenerate cases.
     """
     from scipy import stats
 
@@ -619,7 +622,8 @@ def paired_wilcoxon(a: Mapping[Any, float], b: Mapping[Any, float],
     result = {"n_pairs": len(keys), "n_nonzero": int(np.count_nonzero(d)),
               "mean_difference": float(d.mean()) if keys else None,
               "median_difference": float(np.median(d)) if keys else None,
-              "a_better": int((d > 0).sum()), "b_better": int((d < 0).sum()),
+              "a_better": int((d < 0).sum() if lower_is_better else (d > 0).sum()),
+              "b_better": int((d > 0).sum() if lower_is_better else (d < 0).sum()),
               "statistic": None, "p_value": None, "note": ""}
     if len(keys) < min_pairs:
         result["note"] = f"n/a: {len(keys)} pairs, fewer than the {min_pairs} required"
@@ -682,7 +686,7 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
                     test = paired_wilcoxon(
                         values.get(a, {}).get(n, {}).get(c, {}).get(metric, {}),
                         values.get(b, {}).get(n, {}).get(c, {}).get(metric, {}),
-                        config.min_pairs)
+                        config.min_pairs, lower_is_better=metric in LOWER_IS_BETTER)
                     comparisons.append({"a": a, "b": b, "labeled": n, "class": c,
                                         "metric": metric, **test})
     seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
@@ -776,27 +780,33 @@ def study_markdown(result: Mapping[str, Any]) -> str:
                              + " | ".join(_cell(cells[c][metric], digits) for c in names)
                              + " |" + extra)
             lines.append("")
-    lines += ["## Paired Wilcoxon signed-rank tests (Dice)", "",
+    lines += ["## Paired Wilcoxon signed-rank tests", "",
               f"{result['pairing']} Test: {result['test']}; \"n/a\" when fewer than "
               f"{result['min_pairs']} pairs or all differences are zero. With fewer than 6 "
-              "non-zero differences no two-sided exact p-value can be below 0.05.", ""]
-    tests = [t for t in result["comparisons"] if t["metric"] == "dice"]
-    if tests:
-        lines += ["| A vs B | labeled | class | pairs | mean Δ (A−B) | median Δ | A>B / A<B "
-                  "| p |",
+              "non-zero differences no two-sided exact p-value can be below 0.05. \"A better / "
+              "B better\" counts the pairs where that method is better: higher Dice, lower "
+              "HD95.", ""]
+    for metric, title, digits in (("dice", "Dice", 4), ("hd95_mm", "HD95 (mm)", 2)):
+        tests = [t for t in result["comparisons"] if t["metric"] == metric]
+        if not tests:
+            continue
+        lines += [f"### {title}", "",
+                  "| A vs B | labeled | class | pairs | mean Δ (A−B) | median Δ | A better / "
+                  "B better | p |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in tests:
-            delta = ("—" if t["mean_difference"] is None else f"{t['mean_difference']:+.4f}")
+            delta = ("—" if t["mean_difference"] is None
+                     else f"{t['mean_difference']:+.{digits}f}")
             median = ("—" if t["median_difference"] is None
-                      else f"{t['median_difference']:+.4f}")
+                      else f"{t['median_difference']:+.{digits}f}")
             p = f"{t['p_value']:.4g}" if t["p_value"] is not None else t["note"]
             lines.append(f"| {t['a']} vs {t['b']} | {t['labeled']} | {t['class']} | "
                          f"{t['n_pairs']} | {delta} | {median} | {t['a_better']} / "
                          f"{t['b_better']} | {p} |")
-    else:
-        lines.append(f"No comparison: the baseline {result['baseline']!r} is not among the "
-                     "methods and no --compare pair was given.")
-    lines.append("")
+        lines.append("")
+    if not result["comparisons"]:
+        lines += [f"No comparison: the baseline {result['baseline']!r} is not among the "
+                  "methods and no --compare pair was given.", ""]
     plots = result.get("plots") or {}
     if plots:
         lines += ["## Plots", "", f"![Dice vs labeled subjects]({plots['label_efficiency']})", ""]
