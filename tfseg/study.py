@@ -29,8 +29,9 @@ classes): mean, population std (ddof=0, as summary.json) and median of the per-s
 HD95 (mm) of the test subjects, pooled over repeats. Paired two-sided Wilcoxon signed-rank tests
 (`scipy.stats.wilcoxon(a, b)`, its defaults: zero_method "wilcox", exact for small samples
 without ties) of every method against the baseline (supervised) and of the pairs the user names,
-per N and class. The pairing key is (repeat, test subject): the same subject evaluated in two
-repeats gives two pairs (trained on different labeled draws). Values come from each run's
+per N, class and metric (Dice and HD95; for HD95 the lower value counts as the better one). The
+pairing key is (repeat, test subject): the same subject evaluated in two repeats gives two pairs
+(trained on different labeled draws). Values come from each run's
 `metrics.csv` (the per-subject rows), so the tables can be recomputed from the run folders. A test
 is reported as "n/a" with the reason when there are fewer than `min_pairs` pairs or every
 difference is zero.
