@@ -31,10 +31,9 @@ HD95 (mm) of the test subjects, pooled over repeats. Paired two-sided Wilcoxon s
 without ties) of every method against the baseline (supervised) and of the pairs the user names,
 per N, class and metric (Dice and HD95; for HD95 the lower value counts as the better one). The
 pairing key is (repeat, test subject): the same subject evaluated in two repeats gives two pairs
-(trained on different labeled draws). Values come from each run's
-`metrics.csv` (the per-subject rows), so the tables can be recomputed from the run folders. A test
-is reported as "n/a" with the reason when there are fewer than `min_pairs` pairs or every
-difference is zero.
+(trained on different labeled draws). Values come from each run's `metrics.csv` (the per-subject
+rows), so the tables can be recomputed from the run folders. A test is reported as "n/a" with the
+reason when there are fewer than `min_pairs` pairs or every difference is zero.
 """
 from __future__ import annotations
 
@@ -64,6 +63,7 @@ REQUEST_NAME = "study_run.json"
 LOG_NAME = "study_train.log"
 METRICS = ("dice", "hd95_mm")
 LOWER_IS_BETTER = frozenset({"hd95_mm"})  # distances: a lower value is the better one
+METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)"}  # headings in study.md
 MEAN_CLASS = "mean"
 PAIRING_KEY = ("Pairs are matched on (repeat, test subject): in repeat k both methods were trained "
                "on the same labeled draw (the repeat's split seed) and evaluated on the same test "
@@ -763,8 +763,8 @@ def study_markdown(result: Mapping[str, Any]) -> str:
         lines += [f"| {m} | {arms.get(m, m)} | {', '.join(arm_overrides.get(m, [])) or '—'} |"
                   for m in methods]
         lines.append("")
-    for metric, title, digits in (("dice", "Dice", 3), ("hd95_mm", "HD95 (mm)", 2)):
-        lines += [f"## {title}", ""]
+    for metric, digits in (("dice", 3), ("hd95_mm", 2)):
+        lines += [f"## {METRIC_TITLES[metric]}", ""]
         for n in result["labeled"]:
             per_run = metric == "dice"  # plus the spread of the runs' mean Dice over repeats
             lines += [f"### {n} labeled", "",
@@ -787,11 +787,11 @@ def study_markdown(result: Mapping[str, Any]) -> str:
               "non-zero differences no two-sided exact p-value can be below 0.05. \"A better / "
               "B better\" counts the pairs where that method is better: higher Dice, lower "
               "HD95.", ""]
-    for metric, title, digits in (("dice", "Dice", 4), ("hd95_mm", "HD95 (mm)", 2)):
+    for metric, digits in (("dice", 4), ("hd95_mm", 2)):
         tests = [t for t in result["comparisons"] if t["metric"] == metric]
         if not tests:
             continue
-        lines += [f"### {title}", "",
+        lines += [f"### {METRIC_TITLES[metric]}", "",
                   "| A vs B | labeled | class | pairs | mean Δ (A−B) | median Δ | A better / "
                   "B better | p |",
                   "|---|---|---|---|---|---|---|---|"]
