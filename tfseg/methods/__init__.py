@@ -24,6 +24,8 @@ _FROM_BASE = ("DataSpec", "SegMethod", "Stage", "apply_overrides", "config_from_
 def __getattr__(name: str) -> Any:
     # Lazy: listing or validating method names (launchers, before anything heavy) must not
     # import TensorFlow; the classes come from base.py on first use.
+    if name in ("apply_overrides", "config_from_dict"):
+        return getattr(importlib.import_module("tfseg.overrides"), name)
     if name in _FROM_BASE:
         return getattr(importlib.import_module(f"{__name__}.base"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -54,7 +56,7 @@ def resolve_config(module: ModuleType, preset: str | None = None,
     Raises:
       ValueError: for an unknown preset (listing the module's presets) or a bad override.
     """
-    from tfseg.methods.base import apply_overrides
+    from tfseg.overrides import apply_overrides
 
     presets = getattr(module, "PRESETS", {})
     if preset is not None and preset not in presets:
