@@ -6,7 +6,7 @@
         --preset=quick --set=augment=affine --output=bench.json
 
 Train step (median over timed graph-mode steps after warm-up), the method's own training pipeline
-alone and their ratio (QUALITY.md: pipeline >= 5x the train step), whole-volume inference of one
+alone and their ratio (docs/performance.md: pipeline >= 5x the train step), whole-volume inference of one
 validation subject, preprocessing per subject with and without N4, the N4 shrink speed-up and its
 bias-field agreement, peak memory, parameter counts. See `tfseg.benchmark` for what each figure
 measures. Records are the ones `launch.train` uses (same cache under --records_root, created on

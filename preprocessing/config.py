@@ -18,7 +18,7 @@ from tfseg.datasets.base import Dataset
 # Bump when the algorithm changes in a way that changes the written arrays.
 PREPROCESSING_VERSION = 1
 
-# 3D patch grid when neither the config nor the dataset names one (DATASETS.md: 32³, stride 8).
+# 3D patch grid when neither the config nor the dataset names one (docs/datasets.md: 32³, stride 8).
 DEFAULT_PATCH_SIZE_ZYX = (32, 32, 32)
 DEFAULT_PATCH_STRIDE_ZYX = (8, 8, 8)
 

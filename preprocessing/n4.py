@@ -2,7 +2,7 @@
 
 N4 (Tustison et al., IEEE TMI 2010) models the slowly varying MR intensity bias as a B-spline
 field in log space. The field is smooth, so fitting it on an image shrunk by 4 (3D) gives the same
-field at a fraction of the cost (TOOLCHAIN.md §6: 107× faster, same correlation with the true
+field at a fraction of the cost (docs/performance.md: 107× faster, same correlation with the true
 bias); `GetLogBiasFieldAsImage(full_image)` evaluates the fitted B-spline on the full grid, and the
 corrected image is `image / exp(log_bias)`.
 """
@@ -126,9 +126,9 @@ def compare_n4_shrink(volume: np.ndarray, meta: ImageMeta | None = None, shrink:
                       ) -> dict[str, float]:
     """Times N4 at full resolution and shrunk, and compares the two bias fields.
 
-    Used by the benchmark to check that the shrunk fit is as good as the full one (QUALITY.md:
-    at least 5× faster, bias-field correlation ≥ 0.98). Full resolution is slow (minutes for
-    144×192×256): pass a smaller volume for a quick check.
+    Used by the benchmark to check that the shrunk fit is as good as the full one
+    (docs/performance.md: at least 5× faster, bias-field correlation ≥ 0.98).
+    Full resolution is slow (minutes for 144×192×256): pass a smaller volume for a quick check.
 
     Args:
       volume: (z, y, x) MR intensities.

@@ -6,7 +6,7 @@ temporary records_root on first use, as tests/test_train_cli.py does). 2D: the t
 records of tests/test_train.py via --records_dir and a split file (16×16 slices, cheap), while
 the preprocessing timing reads the real synthetic_cardiac scans (the manifest names no data_dir).
 
-Speed is never asserted (QUALITY.md): only that every figure is there, positive, and consistent.
+Speed is never asserted (docs/performance.md): only that every figure is there, positive, and consistent.
 """
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def test_dice_per_class_golden_values():
     truth = np.array([[0, 1, 1, 2], [0, 0, 1, 2]])
     pred = np.array([[0, 1, 0, 2], [0, 1, 1, 0]])
     # class 0: |P|=4 |T|=3 overlap 2 -> 4/7; class 1: |P|=3 |T|=3 overlap 2 -> 4/6;
-    # class 2: |P|=1 |T|=2 overlap 1 -> 2/3; class 3 absent from both -> 1 (EVALUATION.md).
+    # class 2: |P|=1 |T|=2 overlap 1 -> 2/3; class 3 absent from both -> 1 (docs/evaluation.md).
     np.testing.assert_allclose(dice_per_class(pred, truth, 4), [4 / 7, 4 / 6, 2 / 3, 1.0])
 
 

@@ -2,7 +2,7 @@
 
 `run_benchmark(BenchmarkConfig)` is what `python -m launch.benchmark` calls. It measures the
 method's configuration (defaults, or a preset / overrides) exactly as `launch.train` would build
-it, and returns one JSON-able dict (QUALITY.md "Speed"):
+it, and returns one JSON-able dict (docs/performance.md):
 
 1. records: the same records `launch.train` uses (preprocessed on first use under
    `records_root`, keyed by the settings fingerprint, so an existing cache is reused and never

@@ -168,7 +168,7 @@ class TrainingState:
 
 # --------------------------------------------------------------------------- validation
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """Voxel Dice per class; 1 when a class is absent from both (EVALUATION.md policy)."""
+    """Voxel Dice per class; 1 when a class is absent from both (docs/evaluation.md policy)."""
     scores = np.empty(num_classes)
     for k in range(num_classes):
         p, t = pred == k, truth == k
@@ -317,7 +317,7 @@ class StepMonitor(keras.callbacks.Callback):
     """Per step: stops on a non-finite tracked value; every `log_every` steps, writes the tracked
     values, learning rates and the method's `summary_images()` (if it has one) to TensorBoard.
     During training the train writer is the default writer, so `tf.summary` calls inside a
-    `train_step` are recorded (TOOLCHAIN.md §8)."""
+    `train_step` are recorded (Keras 3's own TensorBoard callback drops them)."""
 
     def __init__(self, plan: StagePlan, train_writer, log_every: int = 50):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Evaluation of a trained run in the ORIGINAL geometry of every subject (EVALUATION.md).
+"""Evaluation of a trained run in the ORIGINAL geometry of every subject (docs/evaluation.md).
 
 For each subject of the requested split: predict on the preprocessed grid (slice-wise or sliding
 window, `tfseg.inference`), undo crop/pad and resampling (`preprocessing.restore_geometry`,

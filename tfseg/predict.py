@@ -175,7 +175,7 @@ def _dataset_scans(folder: str, dataset_name: str, model: ExportedModel) -> list
     subjects = dataset.list_subjects(folder)
     if not subjects:
         raise ValueError(f"No subject found in {folder} for dataset {dataset_name!r}; check the "
-                         "folder against the dataset's layout (docs: DATASETS.md).")
+                         "folder against the dataset's layout (docs/datasets.md).")
     return [Scan(s.subject_id, tuple(s.image_paths),
                  tuple(s.channel_indices) if s.channel_indices is not None else None)
             for s in subjects]

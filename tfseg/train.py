@@ -151,7 +151,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     data_spec = DataSpec(**dataclasses.asdict(pipeline.dataset_facts(manifest)))
     run_dir = config.run_dir or os.path.join("runs", config.dataset, split.name, config.method,
                                              f"seed{config.training_seed}")
-    # Non-chief workers of a multi-worker run write to a private folder (TOOLCHAIN.md §9).
+    # Non-chief workers of a multi-worker run write to a private folder (docs/performance.md).
     output_dir = run_dir if chief else tempfile.mkdtemp(prefix="tfseg_worker_")
 
     keras.utils.set_random_seed(config.training_seed)

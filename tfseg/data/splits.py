@@ -4,7 +4,7 @@ A split names patients, never slices or subjects: every subject (frame, phase, s
 lands in the same part. `labeled`, `val` and `test` are disjoint and must have labels; `unlabeled`
 patients contribute images only. `unlabeled` must not share a patient with `val` or `test` (that
 would train on evaluation images); it may share patients with `labeled` only when written so on
-purpose (DATASETS.md: "only if the user asks for it").
+purpose (docs/datasets.md, "Splits").
 
 JSON form: {"name": ..., "labeled": [...], "unlabeled": [...], "val": [...], "test": [...],
 "seed": int | null}.

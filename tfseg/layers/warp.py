@@ -11,9 +11,9 @@
   voxels), which equals `scipy.ndimage.map_coordinates(order=1, mode="nearest")` and TFA's
   `dense_image_warp`.
 - Every shape may be unknown until run time (None spatial sizes inside a `tf.function`), unlike
-  `keras.ops.image.map_coordinates` (TOOLCHAIN.md §1c). The gather version is also about 9x
+  `keras.ops.image.map_coordinates`. The gather version is also about 9x
   faster than map_coordinates in graph mode; callers may wrap it in
-  `tf.function(jit_compile=True)` as an XLA island, which TOOLCHAIN.md measured to help further.
+  `tf.function(jit_compile=True)` as an XLA island, measured to help further (docs/performance.md).
 - Differentiable with respect to the image and the flow (the interpolation weights carry the
   flow gradient; the integer corner indices do not). Where the sampling position is clamped at
   the border the flow gradient along that axis is zero.

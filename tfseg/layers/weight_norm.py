@@ -7,8 +7,8 @@ few-shot 3D GAN of Mondal, Dolz & Desrosiers ("Few-shot 3D multi-modal medical i
 using generative adversarial learning", 2018) uses it in place of batch norm in its segmentor /
 discriminator and in the generator's last layer.
 
-Choices made here (tensorflow-addons' WeightNormalization is unusable with Keras 3, TOOLCHAIN.md
-§1b):
+Choices made here (tensorflow-addons' WeightNormalization is unusable with Keras 3,
+docs/performance.md):
 - No data-dependent initialisation. g starts at ‖v‖, so at initialisation the layer computes
   exactly what the plain layer with kernel v would compute.
 - ‖v‖ is taken over every kernel axis except the output-filter axis: the last axis of a
@@ -123,7 +123,7 @@ class _WeightNormBase(keras.layers.Layer):
         return outputs
 
     def save_own_variables(self, store):
-        # Explicit order v, g, bias: Keras' Conv/Dense overrides would drop g (TOOLCHAIN.md §1c).
+        # Explicit order v, g, bias: Keras' Conv/Dense overrides would drop g.
         if not self.built:
             return
         for index, variable in enumerate(self._saved_variables()):

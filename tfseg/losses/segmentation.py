@@ -8,7 +8,7 @@ Conventions shared by every function here:
   `mixed_bfloat16` included), with log-softmax for numerical stability: logits of ±1e4 give finite
   losses and gradients.
 - The result is one value per example; the caller reduces (under a distribution strategy, with
-  the global batch size: TOOLCHAIN.md §3).
+  the global batch size: docs/performance.md).
 """
 from __future__ import annotations
 

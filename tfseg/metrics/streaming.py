@@ -4,7 +4,7 @@
 prediction P and the reference T over every batch since the last `reset_state()`, and reports
 Dice = 2|P∩T| / (|P| + |T|) over everything seen (a pooled, dataset-level Dice: large and small
 examples weigh by their voxel counts). A class absent from both prediction and reference so far
-scores 1, the empty-mask policy of EVALUATION.md. Per-subject Dice in physical space for the
+scores 1, the empty-mask policy of docs/evaluation.md. Per-subject Dice in physical space for the
 final evaluation lives in `tfseg.metrics.volume`.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ Definitions (per class c, P = {pred == c}, T = {truth == c}):
   distances, the classical Hausdorff distance. **asd_mm** = mean of the pooled distances: the
   average symmetric surface distance (ASSD), as MONAI's `symmetric=True`; MedPy's `assd` instead
   averages the two directed means, which differs when the surfaces have different sizes.
-- Empty masks (EVALUATION.md), never NaN: P and T both empty → Dice = IoU = precision = recall
+- Empty masks (docs/evaluation.md), never NaN: P and T both empty → Dice = IoU = precision = recall
   = 1 and distances 0; exactly one empty → Dice = IoU = precision = recall = 0 and every distance
   = the diagonal of the image's field of view in mm, sqrt(Σ (nᵢ·spacingᵢ)²), a bound on any
   distance inside the image.

@@ -7,7 +7,7 @@ features by name, e.g. fm_gan's feature matching).
 Options understood everywhere:
 - norm: "batch" (BatchNormalization, momentum 0.99, epsilon 1e-3: Keras' defaults and the
   task-driven reference code's values), "instance" (GroupNormalization(groups=-1), exact instance
-  norm, TOOLCHAIN.md §1c), "weight" (weight-normalised convolutions, no normalisation layer:
+  norm, docs/performance.md), "weight" (weight-normalised convolutions, no normalisation layer:
   the few-shot 3D GAN), "none".
 - activation: "relu" or "leaky_relu" (negative slope 0.2, the few-shot GAN's value).
 """

@@ -153,6 +153,6 @@ def build_unet(input_shape, num_classes: int, config: UNetConfig = PAPER_UNET_2D
     x = blocks.conv_layer(spatial_dims, num_classes, final_kernel_size,
                           weight_norm=config.norm == "weight", use_bias=True,
                           name="final_conv")(x)
-    # float32 output layer: logits stay float32 under mixed_bfloat16 (TOOLCHAIN.md §4).
+    # float32 output layer: logits stay float32 under mixed_bfloat16 (docs/performance.md).
     logits = keras.layers.Activation("linear", dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
