@@ -89,6 +89,17 @@ def parse_set(values: Sequence[str] | None, program: str) -> tuple[str, ...]:
     return tuple(result)
 
 
+def parse_options(values: Sequence[str] | None, program: str, flag: str) -> dict[str, str]:
+    """Repeated `name=value` flags (dataset options) as a dict; a malformed one exits 2."""
+    options = {}
+    for value in values or ():
+        name, sep, text = value.partition("=")
+        if not sep or not name.strip():
+            fail(program, f"{flag}={value!r}: expected {flag}=name=value.")
+        options[name.strip()] = text.strip()
+    return options
+
+
 def progress_verbosity() -> int:
     """Keras verbosity: a live progress bar on a terminal, one line per round otherwise."""
     return 1 if sys.stdout.isatty() else 2

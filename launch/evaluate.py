@@ -27,6 +27,9 @@ flags.DEFINE_integer("tile_batch", 4, "Slices (2D) or sliding-window tiles (3D) 
 flags.DEFINE_list("tile_size", None, "3D sliding-window tile D,H,W, multiples of the network's "
                   "size multiple (default: the training patch grown within 128^3 voxels).", **_F)
 flags.DEFINE_float("overlap", 0.5, "3D sliding-window overlap in [0, 1).", **_F)
+flags.DEFINE_enum("domain", "source", ["source", "target"], "Which data domain of the run: "
+                  "source (its labeled dataset) or target (its --target_dataset; reports go to "
+                  "<run_dir>/target/).", **_F)
 flags.DEFINE_boolean("write_predictions", True, "Write predictions/<subject>_seg.nii.gz.", **_F)
 
 
@@ -42,7 +45,7 @@ def main(argv) -> int:
         summary = evaluate_run(FLAGS.run_dir, split=FLAGS.split, flip_tta=FLAGS.flip_tta,
                                write_predictions=FLAGS.write_predictions,
                                tile_batch=FLAGS.tile_batch, tile_size_zyx=tile,
-                               overlap=FLAGS.overlap)
+                               overlap=FLAGS.overlap, domain=FLAGS.domain)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     print_summary(summary)

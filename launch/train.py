@@ -52,6 +52,18 @@ flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing 
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
 flags.DEFINE_boolean("evaluate", True, "Evaluate on the test split after training.", **_F)
 flags.DEFINE_boolean("export", True, "Export the SavedModel after training.", **_F)
+flags.DEFINE_string("target_dataset", None, "A second data domain (e.g. the unlabeled target of "
+                    "domain adaptation): its dataset name. Preprocessed into its own records "
+                    "with its own split; its test patients are evaluated into <run_dir>/target/.",
+                    **_F)
+flags.DEFINE_string("target_data_dir", None, "Raw data folder of --target_dataset.", **_F)
+flags.DEFINE_string("target_records_dir", None, "Preprocessed records of --target_dataset.",
+                    **_F)
+flags.DEFINE_string("target_split", None, "Split JSON file (or published name) of the target "
+                    "domain; default: drawn with --split_seed (test/val from its annotated "
+                    "patients, every other patient unlabeled).", **_F)
+flags.DEFINE_multi_string("target_option", [], "Option of --target_dataset: --target_option="
+                          "name=value (repeatable), e.g. phase=ED.", **_F)
 flags.DEFINE_integer("summary_every", 50, "Steps between training scalars in TensorBoard.", **_F)
 
 
@@ -74,7 +86,11 @@ def main(argv) -> int:
             preset=FLAGS.preset, overrides=overrides, n4=FLAGS.n4,
             preprocess_workers=FLAGS.preprocess_workers, evaluate=FLAGS.evaluate,
             export=FLAGS.export, verbose=_common.progress_verbosity(),
-            summary_every=FLAGS.summary_every)
+            summary_every=FLAGS.summary_every, target_dataset=FLAGS.target_dataset,
+            target_data_dir=FLAGS.target_data_dir, target_records_dir=FLAGS.target_records_dir,
+            target_split=FLAGS.target_split,
+            target_dataset_options=_common.parse_options(FLAGS.target_option, PROGRAM,
+                                                         "--target_option"))
         summary = run_training(config)
     except (ValueError, FloatingPointError) as error:
         _common.fail(PROGRAM, str(error), exit_code=1)
@@ -92,6 +108,10 @@ def _print_summary(summary) -> None:
                             for name, values in test["classes"].items())
         print(f"Test mean Dice {test['mean_dice']:.4f} over {test['num_subjects']} subjects "
               f"({classes}).")
+    target = summary.get("test_target")
+    if target:
+        print(f"Target-domain test mean Dice {target['mean_dice']:.4f} over "
+              f"{target['num_subjects']} subjects.")
     if summary.get("export_path"):
         print(f"Exported: {summary['export_path']}")
     print(f"Run folder: {summary['run_dir']}")

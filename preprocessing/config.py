@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from tfseg.data.spec import resolve_regions
 from tfseg.datasets.base import Dataset
 
 # Bump when the algorithm changes in a way that changes the written arrays.
@@ -147,7 +148,11 @@ def dataset_facts(dataset: Dataset) -> dict[str, Any]:
             "intensity_window": (list(dataset.intensity_window)
                                  if dataset.intensity_window is not None else None),
             "orientation_reliable": bool(dataset.orientation_reliable),
-            "content_version": getattr(dataset, "content_version", None)}
+            "content_version": getattr(dataset, "content_version", None),
+            # Only region datasets carry the key, so other datasets keep their fingerprints.
+            **({"regions": resolve_regions(dataset.regions, dataset.region_paint,
+                                           dataset.label_values, f"dataset {dataset.name!r}")}
+               if dataset.regions else {})}
 
 
 def fingerprint(dataset: Dataset, dataset_options: Mapping[str, Any] | None,

@@ -337,7 +337,7 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
 
 
 def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: ImageMeta,
-                     is_probability: bool) -> np.ndarray:
+                     is_probability: bool, background: bool = True) -> np.ndarray:
     """Maps a prediction on the processed grid back onto the original image grid.
 
     Undoes the crop/pad (regions cropped away become background: label 0, or probability 1 for
@@ -349,6 +349,9 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
       geometry: `ProcessedVolume.geometry` (as stored in the manifest).
       original: the original image's `ImageMeta`.
       is_probability: whether `array` holds per-class probabilities.
+      background: probabilities only: channel 0 is the background class (exclusive classes;
+        cropped-away voxels get probability 1 there). False for region probabilities (one
+        sigmoid each): cropped-away voxels get 0 in every channel.
 
     Returns:
       An array of shape `original.shape_zyx` (+ (K,) for probabilities), labels in `array`'s
@@ -369,7 +372,7 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
                          "ImageMeta of the image that was preprocessed.")
     if is_probability:
         fill = np.zeros(array.shape[-1], np.float32)
-        fill[0] = 1.0
+        fill[0] = 1.0 if background else 0.0
         array = array.astype(np.float32)
     else:
         fill = 0

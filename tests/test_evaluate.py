@@ -75,7 +75,7 @@ def build_tiny_run(root, spatial_dims=3, upsampling="transpose"):
 
     from preprocessing import PreprocessConfig, run_preprocessing
     from tfseg.datasets import get_dataset
-    from tfseg.export import SEGMENTOR_WEIGHTS, build_segmentor
+    from tfseg.run import PREDICTOR_WEIGHTS, build_predictor
     from tfseg.methods import DataSpec
     from tfseg.methods.supervised import Config
 
@@ -106,8 +106,8 @@ def build_tiny_run(root, spatial_dims=3, upsampling="transpose"):
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
     keras.utils.set_random_seed(0)
-    segmentor, _ = build_segmentor(config)
-    segmentor.save_weights(os.path.join(run_dir, SEGMENTOR_WEIGHTS))
+    predictor, _ = build_predictor(config)
+    predictor.save_weights(os.path.join(run_dir, PREDICTOR_WEIGHTS))
     return {"run_dir": run_dir, "data_dir": data_dir, "records_dir": records_dir,
             "config": config}
 
@@ -131,12 +131,18 @@ def _one_hot(classes, k=4):
 RAW_TO_CLASS = {v: i for i, v in enumerate(LABEL_VALUES)}
 
 
+def _spec(class_names, **regions):
+    from tfseg.data.spec import DataSpec
+
+    return DataSpec(3, 1, len(class_names), tuple(class_names), (8, 8, 8), **regions)
+
+
 def test_oracle_prediction_scores_perfectly_and_writes_raw_values(tmp_path):
     label = _tissue((8, 20, 18), 0)
     subjects = _subjects(tmp_path, [label])
     truth = np.vectorize(RAW_TO_CLASS.get)(label)
     rows, per_subject = evaluate_volumes(
-        subjects, lambda s: _one_hot(truth), class_names=CLASS_NAMES, label_values=LABEL_VALUES,
+        subjects, lambda s: _one_hot(truth), data_spec=_spec(CLASS_NAMES), label_values=LABEL_VALUES,
         raw_to_class=RAW_TO_CLASS, predictions_dir=str(tmp_path / "pred"))
     assert [r["class"] for r in rows] == ["csf", "gm", "wm"]
     for row in rows:
@@ -160,7 +166,7 @@ def test_shifted_prediction_gives_hand_computed_scores(tmp_path):
     shifted = np.zeros(label.shape, np.int32)
     shifted[1:5, 2:6, 3:7] = 2   # the cube moved one voxel along x
     shifted[0, 0, 0] = 3         # one false wm voxel where the truth has none
-    rows, _ = evaluate_volumes(subjects, lambda s: shifted, class_names=CLASS_NAMES,
+    rows, _ = evaluate_volumes(subjects, lambda s: shifted, data_spec=_spec(CLASS_NAMES),
                                label_values=LABEL_VALUES, raw_to_class=RAW_TO_CLASS)
     by_class = {r["class"]: r for r in rows}
     # overlap 4*4*3 = 48 of 64 + 64 voxels
@@ -184,13 +190,13 @@ def test_binary_task_reports_auc_and_miou(tmp_path):
     score[0, 0, 0] = 0.9  # one background voxel outranks every foreground voxel
     probs = np.stack([1 - score, score], axis=-1)
     rows, per_subject = evaluate_volumes(subjects, lambda s: probs,
-                                         class_names=("background", "tumour"),
+                                         data_spec=_spec(("background", "tumour")),
                                          label_values=(0, 1), raw_to_class={0: 0, 1: 1})
     positives, negatives = 32, 400 - 32
     assert per_subject["s0"]["auc"] == pytest.approx(1 - positives / (positives * negatives))
     # prediction: the 32 tumour voxels + the false one; background IoU 367/368, tumour 32/33.
     assert per_subject["s0"]["miou"] == pytest.approx((367 / 368 + 32 / 33) / 2)
-    summary = summarize(rows, per_subject, ("background", "tumour"), split="test")
+    summary = summarize(rows, per_subject, ("tumour",), split="test")
     assert summary["overall"]["auc"]["mean"] == pytest.approx(per_subject["s0"]["auc"])
 
 
@@ -201,7 +207,7 @@ def test_summary_aggregates_mean_std_median_over_subjects(tmp_path):
                                ("b", "csf", 0.5, 4.0), ("b", "gm", 0.0, 6.0),
                                ("c", "csf", 0.9, 8.0), ("c", "gm", 0.7, 10.0)]]
     per_subject = {s: {"seconds": 1.0} for s in "abc"}
-    summary = summarize(rows, per_subject, ("background", "csf", "gm"), split="test",
+    summary = summarize(rows, per_subject, ("csf", "gm"), split="test",
                         extra={"checkpoint": "best_val", "flip_tta": False})
     assert summary["num_subjects"] == 3 and summary["split"] == "test"
     csf = summary["classes"]["csf"]["dice"]
@@ -219,7 +225,7 @@ def test_reports_are_written_and_readable(tmp_path):
     rows = [{"subject": "a", "class": "csf", "dice": 0.8, "iou": 0.6, "hd95_mm": 1.5,
              "asd_mm": 0.5, "precision": 0.9, "recall": 0.7}]
     summary = summarize(rows, {"a": {"csf": dict(rows[0]), "seconds": 2.0}},
-                        ("background", "csf"), split="test",
+                        ("csf",), split="test",
                         extra={"dataset": "iseg2017", "method": "fm_gan", "checkpoint": "last"})
     write_reports(str(tmp_path), rows, summary)
     with open(tmp_path / "metrics.csv", encoding="utf-8") as f:
@@ -244,14 +250,14 @@ def test_label_values_outside_the_map_are_rejected(tmp_path):
     subjects = _subjects(tmp_path, [label])
     with pytest.raises(ValueError, match=r"s0_label.nii.gz holds values \[77\]"):
         evaluate_volumes(subjects, lambda s: np.zeros(label.shape, np.int32),
-                         class_names=CLASS_NAMES, label_values=LABEL_VALUES,
+                         data_spec=_spec(CLASS_NAMES), label_values=LABEL_VALUES,
                          raw_to_class=RAW_TO_CLASS)
 
 
 def test_prediction_on_the_wrong_grid_is_rejected(tmp_path):
     subjects = _subjects(tmp_path, [_tissue((6, 14, 14), 1)])
     with pytest.raises(ValueError, match="expected the original grid"):
-        evaluate_volumes(subjects, lambda s: np.zeros((6, 14, 13, 4)), class_names=CLASS_NAMES,
+        evaluate_volumes(subjects, lambda s: np.zeros((6, 14, 13, 4)), data_spec=_spec(CLASS_NAMES),
                          label_values=LABEL_VALUES, raw_to_class=RAW_TO_CLASS)
 
 
@@ -317,10 +323,12 @@ def test_evaluate_run_reports_missing_weights_and_unknown_split(tmp_path, capsys
     run = build_tiny_run(tmp_path, spatial_dims=3)
     with pytest.raises(ValueError, match="no list 'unlabeled_test'"):
         evaluate_run(run["run_dir"], split="unlabeled_test")
-    os.remove(os.path.join(run["run_dir"], "checkpoints", "segmentor.weights.h5"))
+    with pytest.raises(ValueError, match="has no target domain"):
+        evaluate_run(run["run_dir"], domain="target")
+    os.remove(os.path.join(run["run_dir"], "checkpoints", "predictor.weights.h5"))
     with pytest.raises(SystemExit) as exit_info:
         launcher.main(["launch.evaluate", f"--run_dir={run['run_dir']}"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("launch.evaluate: error: No segmentor weights at")
+    assert error.startswith("launch.evaluate: error: No predictor weights at")
     assert "\n" not in error

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfseg.export import PREPROCESSING_ASSET, export_segmentor
+from tfseg.data.spec import DataSpec
+from tfseg.export import PREPROCESSING_ASSET, export_predictor
+from tfseg.methods.base import probability_model
 from tfseg.networks.unet import UNetConfig, build_unet
 
 TINY_2D = UNetConfig(filters=(4, 8, 8), upsampling="transpose")
@@ -33,6 +35,19 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+def export_segmentor(model, path, preprocessing, spatial_dims, size_multiple, regions=None,
+                     **kwargs):
+    """Exports a logits network as the default predictor (softmax, or sigmoids for regions)."""
+    channels, outputs = model.inputs[0].shape[-1], model.outputs[0].shape[-1]
+    if regions is None:
+        spec = DataSpec(spatial_dims, channels, outputs, tuple(f"c{i}" for i in range(outputs)),
+                        (8,) * spatial_dims)
+    else:
+        spec = DataSpec(spatial_dims, channels, **regions, example_shape=(8,) * spatial_dims)
+    return export_predictor(probability_model(model, spec), path, preprocessing, spec,
+                            size_multiple, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def exported_2d(tmp_path_factory):
     keras.utils.set_random_seed(3)
@@ -52,6 +67,8 @@ def test_served_output_equals_keras_on_odd_sizes(exported_2d):
     expected = _softmax(np.asarray(model(_pad_with_background(x, 4))))[:, :37, :29]
     np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-6)
     np.testing.assert_array_equal(out["labels"].numpy(), expected.argmax(-1))
+    # label_map: the labels in the dataset's label values (here 0, 1, 2: the same numbers).
+    np.testing.assert_array_equal(out["label_map"].numpy(), expected.argmax(-1))
     one = serve(image=tf.constant(x[:1, :5, :3]))["probabilities"]  # tiny, still padded
     assert one.shape == (1, 5, 3, 3)
 
@@ -158,7 +175,32 @@ def test_export_run_writes_the_run_export_with_preprocessing_facts(tmp_path, cap
     image, _ = load_subject(run["records_dir"], "case1")  # (16, 22, 19, 2): 3D, padded in z
     served = tf.saved_model.load(path).signatures["serving_default"](
         image=tf.constant(image[None]))["probabilities"].numpy()[0]
-    segmentor = load_run(run["run_dir"]).segmentor
+    predictor = load_run(run["run_dir"]).predictor
     padded = _pad_with_background(image[None], 2)
-    expected = _softmax(np.asarray(segmentor(padded)))[0, :, :22, :19]
+    expected = np.asarray(predictor(padded))[0, :, :22, :19]
     np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_region_export_paints_nested_regions_into_label_values(tmp_path):
+    """Three BraTS-like regions over classes 1 (necrosis, value 1), 2 (oedema, value 2) and
+    3 (enhancing, value 4): the served label map paints whole tumour, then core, then enhancing."""
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, inputs)  # logits = the image: we choose the probabilities
+    regions = dict(num_classes=4, class_names=("background", "necrosis", "oedema", "enhancing"),
+                   region_names=("whole_tumour", "tumour_core", "enhancing_tumour"),
+                   region_classes=((1, 2, 3), (1, 3), (3,)), region_paint=(2, 1, 3))
+    path = export_segmentor(model, str(tmp_path / "regions" / "1"),
+                            {"label_values": [0, 1, 2, 4]}, spatial_dims=2, size_multiple=1,
+                            regions=regions)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    big, small = 4.0, -4.0  # sigmoid(±4): 0.982 / 0.018
+    logits = np.array([[[small, small, small],    # nothing -> 0
+                        [big, small, small],      # whole tumour only -> oedema (2)
+                        [big, big, small],        # + core -> necrosis (1)
+                        [big, big, big],          # + enhancing -> 4
+                        [small, small, big]]],    # enhancing alone (inconsistent) -> still 4
+                      np.float32)[None]  # (1, 1, 5, 3)
+    out = serve(image=tf.constant(logits))
+    np.testing.assert_allclose(out["probabilities"].numpy(), 1 / (1 + np.exp(-logits)), atol=1e-6)
+    assert out["labels"].numpy().ravel().tolist() == [0, 2, 1, 3, 3]
+    assert out["label_map"].numpy().ravel().tolist() == [0, 2, 1, 4, 4]

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfseg.data import pipeline, schema
+from tfseg.data import pipeline
+from tfseg.data import schema
+from tfseg.data.spec import DataSpec
 from tfseg.data.splits import Split
 
 SIZE_2D = (8, 8)
@@ -275,7 +277,8 @@ def test_subject_ids_for_and_facts(records_2d, records_3d):
     with pytest.raises(ValueError, match=r"Patient\(s\) u1 have no labeled subject .*'toy'"):
         pipeline.subject_ids_for(manifest, ["p1", "u1"], labeled=True)
     facts = pipeline.dataset_facts(manifest)
-    assert facts == pipeline.DatasetFacts(2, 2, 4, ("bg", "a", "b", "c"), (8, 8))
+    assert facts == DataSpec(2, 2, 4, ("bg", "a", "b", "c"), (8, 8))
+    assert facts.targets == "classes" and facts.num_outputs == 4
     facts3 = pipeline.dataset_facts(pipeline.load_manifest(records_3d))
     assert (facts3.spatial_dims, facts3.num_channels, facts3.example_shape) == (3, 1, PATCH)
     assert pipeline.dataset_facts(pipeline.load_manifest(records_3d), (8, 8, 8)).example_shape == (

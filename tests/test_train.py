@@ -122,14 +122,18 @@ def test_plan_stages_lays_stages_on_one_axis():
         plan_stages([Stage("train", 25)], 10)
 
 
-def test_dice_per_class_golden_values():
-    from tfseg.callbacks import dice_per_class
+def test_validation_and_evaluation_share_one_dice_golden_values():
+    from tfseg.metrics.volume import dice_scores
 
     truth = np.array([[0, 1, 1, 2], [0, 0, 1, 2]])
     pred = np.array([[0, 1, 0, 2], [0, 1, 1, 0]])
     # class 0: |P|=4 |T|=3 overlap 2 -> 4/7; class 1: |P|=3 |T|=3 overlap 2 -> 4/6;
     # class 2: |P|=1 |T|=2 overlap 1 -> 2/3; class 3 absent from both -> 1 (docs/evaluation.md).
-    np.testing.assert_allclose(dice_per_class(pred, truth, 4), [4 / 7, 4 / 6, 2 / 3, 1.0])
+    masks = lambda a: np.stack([a == k for k in range(4)], -1)  # noqa: E731
+    np.testing.assert_allclose(dice_scores(masks(pred), masks(truth)), [4 / 7, 4 / 6, 2 / 3, 1.0])
+    # evaluation's per-mask metrics use the same function
+    from tfseg.metrics.volume import binary_metrics
+    assert binary_metrics(pred == 1, truth == 1, (1.0, 1.0))["dice"] == pytest.approx(4 / 6)
 
 
 def test_train_log_keeps_union_of_columns_and_truncates(tmp_path):
@@ -236,15 +240,16 @@ def test_run_training_writes_the_run_folder_and_reruns_are_idempotent(tmp_path, 
     assert summary["best_val_mean_dice"] == pytest.approx(float(best_row["val_mean_dice"]),
                                                           rel=1e-5)
     assert int(best_row["step"]) == summary["best_step"]
-    # The selected checkpoint: the whole method, and the segmentor alone, agree.
+    # The selected checkpoint: the whole method, and the predictor alone, agree.
     spec = DataSpec.from_dict(saved["data_spec"])
     method = supervised.build(supervised.resolve(
         supervised.Config(filters=(4, 8), norm="none", batch_size=4), spec), spec)
     method.compile()
     method.load_weights(os.path.join(run, "checkpoints", "best.weights.h5"))
-    segmentor = supervised.build(supervised.Config(filters=(4, 8), norm="none"), spec).segmentor
-    segmentor.load_weights(os.path.join(run, "checkpoints", "segmentor.weights.h5"))
-    for a, b in zip(method.segmentor.weights, segmentor.weights):
+    predictor = supervised.build_predictor(supervised.Config(filters=(4, 8), norm="none"), spec)
+    predictor.load_weights(os.path.join(run, "checkpoints", "predictor.weights.h5"))
+    assert len(predictor.weights) == len(method.segmentor.weights)
+    for a, b in zip(method.segmentor.weights, predictor.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert not os.listdir(os.path.join(run, "checkpoints", "backup"))  # cleared when done
     assert {"train/loss", "train/seg_grad_norm", "learning_rate/seg_optimizer"} <= \

@@ -180,7 +180,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     records_dir = train_lib.resolve_records(config, dataset)
     manifest = pipeline.load_manifest(records_dir)
     split = _split(config, dataset, manifest)
-    data_spec = DataSpec(**dataclasses.asdict(pipeline.dataset_facts(manifest)))
+    data_spec = pipeline.dataset_facts(manifest)
 
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.mixed_precision.global_policy()
@@ -393,7 +393,7 @@ def _measure_inference(config: BenchmarkConfig, method, records_dir, manifest, s
         tile = suggest_tile_size(data_spec.example_shape, method.size_multiple)
 
     def predict():
-        return predict_volume(method.segmentor, image, data_spec.spatial_dims,
+        return predict_volume(method.predictor, image, data_spec.spatial_dims, outputs="probabilities",
                               patch_size_zyx=tile, overlap=config.overlap,
                               tile_batch=config.tile_batch, size_multiple=method.size_multiple)
 

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfseg._files import atomic_path, write_text_atomic
 from tfseg.methods.base import Stage, check_finite
 
 WEIGHTS_SUFFIX = ".weights.h5"
@@ -33,25 +34,9 @@ WEIGHTS_SUFFIX = ".weights.h5"
 
 # --------------------------------------------------------------------------- atomic writes
 def save_weights_atomic(model: keras.Model, path: str) -> None:
-    """`model.save_weights(path)` through a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path[:-len(WEIGHTS_SUFFIX)]}.tmp{os.getpid()}{WEIGHTS_SUFFIX}"
-    model.save_weights(tmp, overwrite=True)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    """`model.save_weights(path)` through a temporary file and a rename (`tfseg._files`)."""
+    with atomic_path(path, suffix=WEIGHTS_SUFFIX) as temporary:
+        model.save_weights(temporary, overwrite=True)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -167,46 +152,45 @@ class TrainingState:
 
 
 # --------------------------------------------------------------------------- validation
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """Voxel Dice per class; 1 when a class is absent from both (docs/evaluation.md policy)."""
-    scores = np.empty(num_classes)
-    for k in range(num_classes):
-        p, t = pred == k, truth == k
-        total = p.sum() + t.sum()
-        scores[k] = 1.0 if total == 0 else 2.0 * np.logical_and(p, t).sum() / total
-    return scores
-
-
 class Validator:
-    """Whole-volume validation Dice of the segmentor on preprocessed validation subjects.
+    """Whole-volume validation Dice of the method's predictor on preprocessed validation subjects.
 
-    The volumes are read once and kept in memory (validation sets are a few subjects).
+    Scores what evaluation reports (`DataSpec.reported_names`: the foreground classes, or every
+    region), with the same Dice (`tfseg.metrics.volume.dice_scores`) and the same decoding of
+    probabilities (`DataSpec.prediction_masks`). The volumes are read once and kept in memory
+    (validation sets are a few subjects).
     """
 
-    def __init__(self, volumes: Sequence[tuple[str, np.ndarray, np.ndarray]], num_classes: int,
-                 spatial_dims: int, size_multiple: int,
-                 patch_size_zyx: Sequence[int] | None = None):
+    def __init__(self, volumes: Sequence[tuple[str, np.ndarray, np.ndarray]], data_spec,
+                 size_multiple: int):
         from tfseg.inference import predict_volume  # lazy: inference imports Keras helpers
 
         self._predict = predict_volume
         self.volumes = list(volumes)
-        self.num_classes, self.spatial_dims = num_classes, spatial_dims
+        self.data_spec = data_spec
+        self.names = tuple(data_spec.reported_names)
         self.size_multiple = size_multiple
         # Fully convolutional networks: tiles twice the training patch cut the overlap overhead.
-        self.tile = None if patch_size_zyx is None else tuple(2 * int(p) for p in patch_size_zyx)
+        self.tile = (None if data_spec.spatial_dims == 2
+                     else tuple(2 * int(p) for p in data_spec.example_shape))
         # The panel shows the first subject's slice with the most foreground.
         first_label = self.volumes[0][2]
         self.panel_slice = int(np.argmax((first_label > 0).reshape(len(first_label), -1).sum(1)))
 
-    def __call__(self, segmentor) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (Dice per class averaged over subjects (K,), first subject's prediction)."""
+    def __call__(self, predictor) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (Dice per reported output averaged over subjects (N,), the first subject's
+        predicted class map)."""
+        from tfseg.metrics.volume import dice_scores
+
         scores, first = [], None
         for _, image, label in self.volumes:
-            probs = self._predict(segmentor, image, self.spatial_dims, patch_size_zyx=self.tile,
-                                  size_multiple=self.size_multiple)
-            pred = np.argmax(probs, axis=-1)
-            first = pred if first is None else first
-            scores.append(dice_per_class(pred, label, self.num_classes))
+            probs = self._predict(predictor, image, self.data_spec.spatial_dims,
+                                  patch_size_zyx=self.tile, size_multiple=self.size_multiple,
+                                  outputs="probabilities")
+            if first is None:
+                first = self.data_spec.label_map(probs)
+            scores.append(dice_scores(self.data_spec.prediction_masks(probs),
+                                      self.data_spec.target_masks(label)))
         return np.mean(scores, axis=0), first
 
     def panel(self, prediction: np.ndarray) -> np.ndarray:
@@ -268,11 +252,13 @@ class BestRecord:
 class RoundEnd(keras.callbacks.Callback):
     """End of a validation round: validate, log, save the resume state, save the best."""
 
-    def __init__(self, plan: StagePlan, *, validator: Validator | None, class_names: Sequence[str],
+    def __init__(self, plan: StagePlan, *, validator: Validator | None,
                  state: TrainingState, train_log: TrainLog, best: BestRecord, output_dir: str,
                  validation_writer, start_time: float):
         super().__init__()
-        self.plan, self.validator, self.class_names = plan, validator, tuple(class_names)
+        # A stage that trains no segmentor (e.g. a GAN stage) has nothing to validate.
+        self.plan = plan
+        self.validator = validator if plan.stage.trains_segmentor else None
         self.state, self.train_log, self.best = state, train_log, best
         self.output_dir, self.writer, self.start_time = output_dir, validation_writer, start_time
 
@@ -285,14 +271,14 @@ class RoundEnd(keras.callbacks.Callback):
             row[f"lr_{name}"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         improved = False
         if self.validator is not None:
-            dice, prediction = self.validator(self.model.segmentor)
-            mean = float(np.mean(dice[1:]))
+            dice, prediction = self.validator(self.model.predictor)
+            mean = float(np.mean(dice))
             row["val_mean_dice"] = mean
-            row.update({f"val_dice_{n}": float(d) for n, d in zip(self.class_names[1:], dice[1:])})
+            row.update({f"val_dice_{n}": float(d) for n, d in zip(self.validator.names, dice)})
             improved = self.plan.stage.select_best and mean > self.best.mean_dice
             with self.writer.as_default(step=step):
                 tf.summary.scalar("val/mean_dice", mean)
-                for name, value in zip(self.class_names[1:], dice[1:]):
+                for name, value in zip(self.validator.names, dice):
                     tf.summary.scalar(f"val/dice_{name}", float(value))
                 tf.summary.image("val/input_truth_prediction", self.validator.panel(prediction))
             self.writer.flush()
@@ -307,10 +293,12 @@ class RoundEnd(keras.callbacks.Callback):
 
 
 def save_best(model: keras.Model, output_dir: str) -> None:
-    """checkpoints/best.weights.h5 (whole method) and checkpoints/segmentor.weights.h5."""
-    folder = os.path.join(output_dir, "checkpoints")
-    save_weights_atomic(model, os.path.join(folder, "best" + WEIGHTS_SUFFIX))
-    save_weights_atomic(model.segmentor, os.path.join(folder, "segmentor" + WEIGHTS_SUFFIX))
+    """checkpoints/best.weights.h5 (whole method) and the predictor's weights
+    (`tfseg.run.PREDICTOR_WEIGHTS`: what evaluation, export and prediction load)."""
+    from tfseg.run import PREDICTOR_WEIGHTS
+
+    save_weights_atomic(model, os.path.join(output_dir, "checkpoints", "best" + WEIGHTS_SUFFIX))
+    save_weights_atomic(model.predictor, os.path.join(output_dir, PREDICTOR_WEIGHTS))
 
 
 class StepMonitor(keras.callbacks.Callback):

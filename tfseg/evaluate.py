@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from tfseg._files import write_text_atomic
+from tfseg._files import write_json_atomic, write_text_atomic
 from tfseg.io import ImageMeta, read_label, write_image
 
 __all__ = ["EvalSubject", "evaluate_run", "evaluate_volumes", "summarize", "summary_markdown",
@@ -62,8 +61,9 @@ class EvalSubject:
 def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
                  write_predictions: bool = True, subject_ids: Sequence[str] | None = None, *,
                  tile_batch: int = 4, tile_size_zyx: Sequence[int] | None = None,
-                 overlap: float = 0.5) -> dict[str, Any]:
-    """Evaluates a run's segmentor on a split, in original geometry; writes the reports.
+                 overlap: float = 0.5, domain: str = "source",
+                 out_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates a run's predictor on a split, in original geometry; writes the reports.
 
     Args:
       run_dir: a run folder written by `tfseg.train` (config.json, checkpoints/).
@@ -76,6 +76,10 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
         (the networks are fully convolutional). Default: `inference.suggest_tile_size` of the
         training patch (e.g. 128^3 for 32^3 patches), recorded in the summary.
       overlap: sliding-window overlap (3D).
+      domain: "source" (the labeled domain) or "target" (the run's second domain: its records
+        and split).
+      out_dir: where the reports and predictions go; default the run folder for the source
+        domain, `<run_dir>/target/` for the target domain.
 
     Returns:
       The summary dict also written to `summary.json`.
@@ -86,18 +90,20 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
     """
     from preprocessing import restore_geometry  # lazy: TF and the methods load only here
     from tfseg.data.pipeline import load_subject, subject_ids_for
-    from tfseg.export import CONFIG_NAME, load_run
     from tfseg.inference import predict_volume, suggest_tile_size
+    from tfseg.run import CONFIG_NAME, load_run
 
     started = time.perf_counter()
-    run = load_run(run_dir)
-    records_dir = run.config["records_dir"]
+    run = load_run(run_dir, domain)
+    records_dir = run.records_dir
     manifest = run.manifest
+    if out_dir is None:
+        out_dir = run_dir if domain == "source" else os.path.join(run_dir, domain)
     if subject_ids is None:
-        patients = run.config.get("split", {}).get(split)
+        patients = run.split.get(split)
         if patients is None:
-            raise ValueError(f"{os.path.join(run_dir, CONFIG_NAME)}: the run's split has no list "
-                             f"{split!r}; expected one of test, val, labeled.")
+            raise ValueError(f"{os.path.join(run_dir, CONFIG_NAME)}: the {domain} split has no "
+                             f"list {split!r}; expected one of test, val, labeled.")
         subject_ids = subject_ids_for(manifest, list(patients))
     subjects, skipped = [], []
     for subject_id in subject_ids:
@@ -120,57 +126,65 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
 
     def predict(subject: EvalSubject) -> np.ndarray:
         image, _ = load_subject(records_dir, subject.subject_id, manifest)  # (Z, H, W, C)
-        probs = predict_volume(run.segmentor, image, run.spatial_dims, patch_size_zyx=tile,
+        probs = predict_volume(run.predictor, image, run.spatial_dims, patch_size_zyx=tile,
                                overlap=overlap, tile_batch=tile_batch, flip_tta=flip_tta,
-                               size_multiple=run.size_multiple)
+                               size_multiple=run.size_multiple, outputs="probabilities")
         geometry = manifest["subjects"][subject.subject_id]["geometry"]
-        return restore_geometry(probs, geometry, subject.original, is_probability=True)
+        return restore_geometry(probs, geometry, subject.original, is_probability=True,
+                                background=run.data_spec.targets == "classes")
 
-    predictions_dir = os.path.join(run_dir, "predictions") if write_predictions else None
+    predictions_dir = os.path.join(out_dir, "predictions") if write_predictions else None
     rows, per_subject = evaluate_volumes(
-        subjects, predict, class_names=run.class_names, label_values=run.label_values,
+        subjects, predict, data_spec=run.data_spec, label_values=run.label_values,
         raw_to_class=run.raw_to_class, predictions_dir=predictions_dir)
-    protocol = {"run_dir": os.path.abspath(run_dir), "dataset": run.config.get("dataset"),
-                "method": run.config.get("method"),
+    protocol = {"run_dir": os.path.abspath(run_dir),
+                "dataset": manifest.get("dataset", run.config.get("dataset")),
+                "method": run.config.get("method"), "domain": domain,
+                "targets": run.data_spec.targets,
                 "checkpoint": run.config.get("checkpoint_policy", "unknown"),
                 "flip_tta": bool(flip_tta), "overlap": overlap,
                 "tile_size_zyx": list(tile) if tile and run.spatial_dims == 3 else None,
                 "skipped_unlabeled": skipped}
-    summary = summarize(rows, per_subject, run.class_names, split=split, extra=protocol)
+    summary = summarize(rows, per_subject, run.data_spec.reported_names, split=split,
+                        extra=protocol)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    write_reports(run_dir, rows, summary)
+    write_reports(out_dir, rows, summary)
     return summary
 
 
 def evaluate_volumes(subjects: Sequence[EvalSubject],
                      predict: Callable[[EvalSubject], np.ndarray], *,
-                     class_names: Sequence[str], label_values: Sequence[int],
+                     data_spec: DataSpec, label_values: Sequence[int],
                      raw_to_class: Mapping[int, int], predictions_dir: str | None = None
                      ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Scores predictions against the original label files (the core of `evaluate_run`).
 
+    What is scored is `data_spec.reported_names`: the foreground classes (prediction = argmax),
+    or every region (prediction = probability >= 0.5; truth = the label values of the region).
+
     Args:
       subjects: the labeled subjects.
-      predict: subject -> class probabilities (z, y, x, K) on the ORIGINAL grid
-        (`subject.original`), or an integer label map (z, y, x) of class indices.
-      class_names: class index -> name (index 0 = background, not reported).
+      predict: subject -> probabilities (z, y, x, K|R) on the ORIGINAL grid
+        (`subject.original`), or an integer map (z, y, x) of class indices.
+      data_spec: the run's `DataSpec` (classes or regions).
       label_values: class index -> the value written in prediction files.
       raw_to_class: raw label file value -> class index.
-      predictions_dir: write `<subject>_seg.nii.gz` there (original geometry and label values).
+      predictions_dir: write `<subject>_seg.nii.gz` there (original geometry and label values;
+        regions painted back into label values, `DataSpec.label_map`).
 
     Returns:
-      (rows, per_subject): one row per subject x foreground class with `METRIC_NAMES`; and per
-      subject {class name: {metric: value}, "miou": mean IoU over all classes (background
-      included, as DMNet), "auc": binary tasks given probabilities (None if undefined),
-      "seconds": s}.
+      (rows, per_subject): one row per subject x reported class/region with `METRIC_NAMES`; and
+      per subject {name: {metric: value}, "miou": mean IoU over all classes (background
+      included, as DMNet; classes only), "auc": binary tasks given probabilities (None if
+      undefined), "seconds": s}.
 
     Raises:
       ValueError: naming the file when a label's values are outside `raw_to_class` or its grid
         differs from the original image's; or when a prediction has the wrong shape.
     """
-    from tfseg.metrics.volume import auc, mean_iou, volume_metrics
+    from tfseg.metrics.volume import auc, binary_metrics, mean_iou
 
-    num_classes = len(class_names)
+    names = data_spec.reported_names
     rows: list[dict[str, Any]] = []
     per_subject: dict[str, dict[str, Any]] = {}
     for position, subject in enumerate(subjects, 1):
@@ -179,43 +193,51 @@ def evaluate_volumes(subjects: Sequence[EvalSubject],
         shape = subject.original.shape_zyx
         if output.shape[:len(shape)] != shape:
             raise ValueError(f"Prediction for {subject.subject_id} has shape {output.shape}; "
-                             f"expected the original grid {shape} (+ classes).")
-        prediction = (np.argmax(output, axis=-1) if output.ndim == len(shape) + 1
-                      else output).astype(np.int32)
+                             f"expected the original grid {shape} (+ outputs).")
+        is_probability = output.ndim == len(shape) + 1
+        if is_probability:
+            prediction = data_spec.label_map(output)
+            pred_masks = data_spec.prediction_masks(output)
+        else:
+            prediction = output.astype(np.int32)
+            pred_masks = data_spec.target_masks(prediction)
         truth = _label_classes(subject, raw_to_class)
-        scores = volume_metrics(prediction, truth, subject.original.spacing_zyx, num_classes)
+        truth_masks = data_spec.target_masks(truth)
         if predictions_dir is not None:
             write_label_map(prediction, subject.original, label_values,
                             os.path.join(predictions_dir, f"{subject.subject_id}_seg.nii.gz"))
-        seconds = time.perf_counter() - started
         record: dict[str, Any] = {}
-        for index in range(1, num_classes):
-            values = {name: float(scores[index][name]) for name in METRIC_NAMES}
-            rows.append({"subject": subject.subject_id, "class": class_names[index], **values})
-            record[class_names[index]] = values
-        # mIoU as DMNet reports it (background included); AUC for binary tasks.
-        record["miou"] = mean_iou(prediction, truth, num_classes)
-        if num_classes == 2 and output.ndim == len(shape) + 1:
-            value = auc(output[..., 1], truth == 1)
+        for n, name in enumerate(names):
+            scores = binary_metrics(pred_masks[..., n], truth_masks[..., n],
+                                    subject.original.spacing_zyx)
+            values = {metric: float(scores[metric]) for metric in METRIC_NAMES}
+            rows.append({"subject": subject.subject_id, "class": name, **values})
+            record[name] = values
+        if data_spec.targets == "classes":  # mIoU as DMNet reports it (background included)
+            record["miou"] = mean_iou(prediction, truth, data_spec.num_classes)
+        if is_probability and len(names) == 1:  # AUC for binary tasks (one class or region)
+            channel = data_spec.num_outputs - 1
+            value = auc(output[..., channel], truth_masks[..., 0])
             record["auc"] = None if math.isnan(value) else value
+        seconds = time.perf_counter() - started
         record["seconds"] = round(seconds, 2)
         per_subject[subject.subject_id] = record
         logging.info("[%d/%d] %s  Dice %s  %.1f s", position, len(subjects), subject.subject_id,
-                     "  ".join(f"{class_names[i]}={scores[i]['dice']:.3f}"
-                               for i in range(1, num_classes)), seconds)
+                     "  ".join(f"{name}={record[name]['dice']:.3f}" for name in names), seconds)
     return rows, per_subject
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], per_subject: Mapping[str, Any],
-              class_names: Sequence[str], *, split: str,
+              reported_names: Sequence[str], *, split: str,
               extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Aggregates metric rows into the `summary.json` structure (CONTRACTS.md).
+    """Aggregates metric rows into the `summary.json` structure (docs/CONTRACTS.md).
 
-    `mean_dice` is the mean over subjects of each subject's mean foreground Dice (equal to the
+    `reported_names`: the foreground classes or the regions (`DataSpec.reported_names`).
+    `mean_dice` is the mean over subjects of each subject's mean Dice over them (equal to the
     mean over all subject x class rows, since every subject has every class). The "overall"
     figures aggregate that per-subject class mean for every metric.
     """
-    foreground = list(class_names[1:])
+    foreground = list(reported_names)
     classes = {}
     for name in foreground:
         class_rows = [r for r in rows if r["class"] == name]
@@ -281,8 +303,7 @@ def write_reports(out_dir: str, rows: Sequence[Mapping[str, Any]], summary: Mapp
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     write_text_atomic(os.path.join(out_dir, "metrics.csv"), buffer.getvalue())
-    write_text_atomic(os.path.join(out_dir, "summary.json"),
-                  json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_json_atomic(os.path.join(out_dir, "summary.json"), _json_safe(summary), indent=2)
     write_text_atomic(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
 
 

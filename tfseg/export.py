@@ -12,7 +12,15 @@ Serving signature `serving_default` (also the only endpoint):
   any spatial size: the signature pads each axis at the far end to a multiple of
   `size_multiple` with each example's per-channel minimum (the background level) and crops the
   outputs back. Rank, channel count and dtype are checked by the input signature.
-- outputs `probabilities` (batch, *S, K) float32 softmax and `labels` (batch, *S) int32 argmax.
+- outputs:
+  - `probabilities` (batch, *S, K|R) float32: the method's probabilities (softmax over the K
+    classes, or one sigmoid per region for region targets; e.g. the mean of two decoders for a
+    method whose segmentation is that);
+  - `labels` (batch, *S) int32: class indices (argmax; for regions, the regions with
+    probability >= 0.5 painted in their declared order, outermost first — see
+    `tfseg.data.spec`);
+  - `label_map` (batch, *S) int32: `labels` in the dataset's original label values (e.g. BraTS
+    0/1/2/4, iSEG 0/10/150/250), ready to write as a segmentation file.
 
 3D: one call predicts the whole input in one piece, so its memory grows with the volume. For
 whole scans use `launch.predict`, which calls the same signature on sliding-window tiles
@@ -28,124 +36,23 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfseg import __version__
-from tfseg.inference import dynamic_shape_model, infer_size_multiple, suggest_tile_size
+from tfseg.data.spec import REGION_THRESHOLD, DataSpec
+from tfseg.inference import dynamic_shape_model, suggest_tile_size
+from tfseg.run import RunInfo, load_run
 
-__all__ = ["RunInfo", "export_run", "export_segmentor", "load_run", "build_segmentor",
-           "preprocessing_assets", "PREPROCESSING_ASSET", "CONFIG_NAME", "SEGMENTOR_WEIGHTS"]
+__all__ = ["export_run", "export_predictor", "preprocessing_assets", "PREPROCESSING_ASSET"]
 
-CONFIG_NAME = "config.json"
-SEGMENTOR_WEIGHTS = os.path.join("checkpoints", "segmentor.weights.h5")
 PREPROCESSING_ASSET = os.path.join("assets", "preprocessing.json")
-ASSET_FORMAT_VERSION = 1
+ASSET_FORMAT_VERSION = 2
 # Dataset fields that tell preprocessing what to do (published splits are not needed to predict).
 _DATASET_FACTS_SKIPPED = ("published_splits", "default_split")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class RunInfo:
-    """A trained run, loaded: its config, records manifest, segmentor and the facts around it.
-
-    Attributes:
-      run_dir: the run folder.
-      config: config.json as a dict.
-      manifest: the records manifest (`tfseg.data.pipeline.load_manifest`).
-      segmentor: the network (logits) with the selected checkpoint's weights.
-      spatial_dims: 2 (slice-wise network) or 3.
-      modalities: input channel names, in order.
-      class_names / label_values: class index -> name / value in the dataset's label files.
-      raw_to_class: label file value -> class index (a dataset may merge values).
-      patch_size_zyx: 3D: the training patch (the default inference tile); 2D: None.
-      size_multiple: spatial sizes the segmentor accepts are multiples of this.
-    """
-
-    run_dir: str
-    config: dict[str, Any]
-    manifest: dict[str, Any]
-    segmentor: keras.Model
-    spatial_dims: int
-    modalities: tuple[str, ...]
-    class_names: tuple[str, ...]
-    label_values: tuple[int, ...]
-    raw_to_class: dict[int, int]
-    patch_size_zyx: tuple[int, int, int] | None
-    size_multiple: int
-
-
-def load_run(run_dir: str) -> RunInfo:
-    """Rebuilds a run's segmentor from config.json and loads checkpoints/segmentor.weights.h5.
-
-    Raises:
-      ValueError: naming the file when config.json, the weights or the records manifest are
-        missing or incomplete, or the method is unknown.
-    """
-    from tfseg.data.pipeline import load_manifest
-
-    config_path = os.path.join(run_dir, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{run_dir} is not a run folder: no {CONFIG_NAME}. Point --run_dir at a "
-                         "folder written by `python -m launch.train`.")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read {config_path}: {error}.") from None
-    missing = [k for k in ("method", "method_config", "data_spec", "records_dir")
-               if k not in config]
-    if missing:
-        raise ValueError(f"{config_path} lacks {', '.join(missing)}; it was not written by "
-                         "tfseg's training (or by an incompatible version).")
-    weights = os.path.join(run_dir, SEGMENTOR_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise ValueError(f"No segmentor weights at {weights}: training has not finished (or "
-                         "was interrupted before a checkpoint). Resume it with launch.train.")
-    manifest = load_manifest(config["records_dir"])
-    segmentor, size_multiple = build_segmentor(config)
-    segmentor.load_weights(weights)
-    spatial_dims = int(config["data_spec"]["spatial_dims"])
-    patch = None
-    if spatial_dims == 3:
-        patch = (config["data_spec"].get("example_shape")
-                 or manifest.get("settings", {}).get("patch_size_zyx"))
-        patch = tuple(int(v) for v in patch) if patch else None
-    return RunInfo(run_dir=run_dir, config=config, manifest=manifest, segmentor=segmentor,
-                   spatial_dims=spatial_dims, modalities=tuple(manifest["modalities"]),
-                   class_names=tuple(config["data_spec"]["class_names"]),
-                   label_values=tuple(int(v) for v in manifest["label_values"]),
-                   raw_to_class=_raw_to_class(manifest), patch_size_zyx=patch,
-                   size_multiple=size_multiple)
-
-
-def build_segmentor(config: Mapping[str, Any]) -> tuple[keras.Model, int]:
-    """The (untrained) segmentor of a run config and its size multiple.
-
-    `get_method_module(method).build(Config, DataSpec).segmentor`; the size multiple is the
-    method's `size_multiple`, or inferred from the network's down-sampling layers.
-    """
-    from tfseg.methods import DataSpec, config_from_dict, get_method_module
-
-    module = get_method_module(config["method"])
-    method = module.build(config_from_dict(module.Config, config["method_config"]),
-                          DataSpec.from_dict(config["data_spec"]))
-    segmentor = method.segmentor
-    multiple = int(getattr(method, "size_multiple", 0) or 0)
-    return segmentor, max(multiple, infer_size_multiple(segmentor))
-
-
-def _raw_to_class(manifest: Mapping[str, Any]) -> dict[int, int]:
-    """Label file value -> class index, as preprocessing recorded it (else the inverse of the
-    label values)."""
-    recorded = manifest.get("raw_to_class")
-    if recorded:
-        pairs = recorded.items() if isinstance(recorded, Mapping) else recorded
-        return {int(k): int(v) for k, v in pairs}
-    return {int(v): index for index, v in enumerate(manifest["label_values"])}
 
 
 def preprocessing_assets(run: RunInfo) -> dict[str, Any]:
@@ -166,6 +73,9 @@ def preprocessing_assets(run: RunInfo) -> dict[str, Any]:
         "modalities": list(run.modalities), "num_channels": len(run.modalities),
         "class_names": list(run.class_names), "label_values": list(run.label_values),
         "raw_to_class": sorted([k, v] for k, v in run.raw_to_class.items()),
+        "data_spec": dataclasses.asdict(run.data_spec), "targets": run.data_spec.targets,
+        "output_names": list(run.data_spec.region_names or run.data_spec.class_names),
+        "regions": manifest.get("regions") or [],
         "settings": manifest["settings"], "dataset_facts": facts,
         "intensity_window": facts.get("intensity_window"),
         "size_multiple": run.size_multiple,
@@ -239,32 +149,40 @@ def export_run(run_dir: str, version: int = 1, overwrite: bool = True) -> str:
     run = load_run(run_dir)
     name = f"{run.config.get('dataset', run.manifest.get('dataset'))}_{run.config['method']}"
     export_dir = os.path.join(run_dir, "export", name, str(version))
-    return export_segmentor(run.segmentor, export_dir, preprocessing_assets(run),
-                            run.spatial_dims, run.size_multiple, overwrite=overwrite)
+    return export_predictor(run.predictor, export_dir, preprocessing_assets(run), run.data_spec,
+                            run.size_multiple, label_values=run.label_values,
+                            overwrite=overwrite)
 
 
-def export_segmentor(segmentor: keras.Model, export_dir: str, preprocessing: Mapping[str, Any],
-                     spatial_dims: int, size_multiple: int, *, overwrite: bool = False) -> str:
+def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Mapping[str, Any],
+                     data_spec: DataSpec, size_multiple: int, *,
+                     label_values: Sequence[int] | None = None, overwrite: bool = False) -> str:
     """Writes a SavedModel with a pad-and-crop `serving_default` signature (module docstring).
 
     Args:
-      segmentor: the network, (B, *S, C) -> logits (B, *S, K).
+      predictor: the method's segmentation, (B, *S, C) -> probabilities (B, *S, K|R).
       export_dir: the version folder to create, e.g. `.../export/acdc_supervised/1`.
       preprocessing: JSON-able dict written to `assets/preprocessing.json`.
-      spatial_dims: 2 or 3.
+      data_spec: what the outputs are (classes or regions, their number) and the dimensionality.
       size_multiple: spatial sizes the network accepts are multiples of this.
+      label_values: class index -> the dataset's label value, for `label_map`; default
+        `preprocessing["label_values"]`, else the class indices themselves.
       overwrite: replace an existing `export_dir`.
 
     Returns:
       `export_dir`.
 
     Raises:
-      ValueError: if `export_dir` exists (without `overwrite`), `spatial_dims` is not 2/3 or the
-        segmentor's channel count is unknown.
+      ValueError: if `export_dir` exists (without `overwrite`), the predictor's channel count is
+        unknown, or the label values do not match the classes.
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    channels = segmentor.inputs[0].shape[-1] if getattr(segmentor, "inputs", None) else None
+    spatial_dims = data_spec.spatial_dims
+    label_values = list(label_values if label_values is not None else
+                        preprocessing.get("label_values") or range(data_spec.num_classes))
+    if len(label_values) != data_spec.num_classes:
+        raise ValueError(f"Cannot export: {len(label_values)} label values {label_values} for "
+                         f"{data_spec.num_classes} classes {list(data_spec.class_names)}.")
+    channels = predictor.inputs[0].shape[-1] if getattr(predictor, "inputs", None) else None
     channels = channels or preprocessing.get("num_channels")
     if not channels:
         raise ValueError("Cannot export: the segmentor's input channel count is unknown; build "
@@ -273,7 +191,9 @@ def export_segmentor(segmentor: keras.Model, export_dir: str, preprocessing: Map
     if os.path.exists(export_dir) and not overwrite:
         raise ValueError(f"{export_dir} already exists. Export under another version "
                          "(--version) or pass overwrite / --overwrite to replace it.")
-    network = dynamic_shape_model(segmentor)
+    network = dynamic_shape_model(predictor)
+    value_table = tf.constant([int(v) for v in label_values], tf.int32)
+    paint = [(r, c) for r, c in enumerate(data_spec.region_paint)]
     signature = tf.TensorSpec([None] * (spatial_dims + 1) + [int(channels)], tf.float32,
                               name="image")
     names = ", ".join(preprocessing.get("modalities") or []) or "see assets/preprocessing.json"
@@ -300,13 +220,18 @@ def export_segmentor(segmentor: keras.Model, export_dir: str, preprocessing: Map
             amount = (-shape[axis]) % size_multiple
             pad_shape = tf.tensor_scatter_nd_update(tf.shape(padded), [[axis]], [amount])
             padded = tf.concat([padded, tf.broadcast_to(background, pad_shape)], axis)
-        logits = tf.cast(network(padded, training=False), tf.float32)
-        probabilities = tf.nn.softmax(logits, axis=-1)
+        outputs = tf.cast(network(padded, training=False), tf.float32)
         crop = tf.concat([shape[:-1], [-1]], 0)
-        probabilities = tf.slice(probabilities, tf.zeros_like(crop), crop)
-        probabilities.set_shape(image.shape[:-1] + logits.shape[-1:])  # K stays static
-        return {"probabilities": probabilities,
-                "labels": tf.argmax(probabilities, axis=-1, output_type=tf.int32)}
+        probabilities = tf.slice(outputs, tf.zeros_like(crop), crop)
+        probabilities.set_shape(image.shape[:-1] + outputs.shape[-1:])  # K|R stays static
+        if paint:  # regions: painted in order, outermost first (tfseg.data.spec)
+            labels = tf.zeros(tf.shape(probabilities)[:-1], tf.int32)
+            for region, value in paint:
+                labels = tf.where(probabilities[..., region] >= REGION_THRESHOLD, value, labels)
+        else:
+            labels = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        return {"probabilities": probabilities, "labels": labels,
+                "label_map": tf.gather(value_table, labels)}
 
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)

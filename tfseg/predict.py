@@ -6,8 +6,10 @@ scan: read the modalities, redo the training preprocessing with the saved settin
 and crop for 2D models), predict slice-wise (2D) or with a Gaussian-blended sliding window (3D)
 by calling the serving signature on batches of slices / tiles (`tfseg.inference.predict_volume`
 with `outputs="probabilities"`), map the probabilities back onto the scan's own grid
-(`preprocessing.restore_geometry`), take the argmax and write `<subject>_seg.nii.gz` with the
-scan's exact geometry (size, spacing, origin, direction) and the dataset's label values.
+(`preprocessing.restore_geometry`), decode them as the run's `DataSpec` says (argmax over classes,
+or the regions with probability >= 0.5 painted in their declared order) and write
+`<subject>_seg.nii.gz` with the scan's exact geometry (size, spacing, origin, direction) and the
+dataset's label values.
 
 Inputs: one scan file (a multi-channel file such as an MSD 4D NIfTI supplies all modalities), a
 comma-separated list of files in the model's modality order, a DICOM series folder, or a folder
@@ -41,7 +43,8 @@ class ExportedModel:
 
     Attributes:
       path: the version folder.
-      probabilities: float32 (B, *S, C) -> (B, *S, K) softmax, the `serving_default` signature.
+      probabilities: float32 (B, *S, C) -> (B, *S, K|R) probabilities, the `serving_default`
+        signature.
       assets: assets/preprocessing.json.
       dataset: the training dataset's facts, as preprocessing needs them.
       config: the resolved preprocessing settings of the training records.
@@ -60,6 +63,18 @@ class ExportedModel:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.assets["modalities"])
+
+    @property
+    def data_spec(self):
+        """The run's `DataSpec` (classes or regions); exports older than regions: classes."""
+        from tfseg.data.spec import DataSpec
+
+        recorded = self.assets.get("data_spec")
+        if recorded:
+            return DataSpec.from_dict(recorded)
+        names = self.assets["class_names"]
+        return DataSpec(self.spatial_dims, len(self.modalities), len(names), tuple(names),
+                        (1,) * self.spatial_dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +274,10 @@ def predict_scan(model: ExportedModel, scan: Scan, *, tile_batch: int = 4,
                            size_multiple=int(model.assets["size_multiple"]),
                            outputs="probabilities")
     original = dataclasses.replace(metas[0], num_channels=1)
-    restored = restore_geometry(probs, processed.geometry, original, is_probability=True)
-    return np.argmax(restored, axis=-1).astype(np.int32), original
+    spec = model.data_spec
+    restored = restore_geometry(probs, processed.geometry, original, is_probability=True,
+                                background=spec.targets == "classes")
+    return spec.label_map(restored), original
 
 
 def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,

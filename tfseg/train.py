@@ -16,6 +16,7 @@ every optimizer and the best-validation bookkeeping); finished stages are skippe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -31,16 +32,17 @@ from absl import logging
 import tfseg
 from tfseg import callbacks as cb
 from tfseg import distribute
+from tfseg._files import write_json_atomic
 from tfseg.data import pipeline, schema
 from tfseg.data import splits as splits_lib
 from tfseg.datasets import get_dataset
+from tfseg import run as run_folder
 from tfseg.methods import DataSpec, get_method_module, resolve_config
 
-CONFIG_NAME = "config.json"
 MIXED_PRECISION = ("none", "bf16")
 # Settings that must match for a re-run to resume an existing run folder.
 _RESUME_KEYS = ("method", "method_config", "dataset", "dataset_options", "split", "data_spec",
-                "pipeline")
+                "pipeline", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,15 @@ class TrainConfig:
       evaluate / export: run the test evaluation / the SavedModel export at the end.
       verbose: Keras progress: 0 silent, 1 bar, 2 one line per round.
       summary_every: steps between training scalars in TensorBoard.
+      target_dataset: a second data domain (unlabeled target of domain adaptation): a dataset
+        name; None = one domain. Preprocessed into its own records with its own split; the
+        pipeline then delivers a `target` stream to methods that ask for one, and the test
+        patients of the target split are evaluated too (`<run_dir>/target/`).
+      target_data_dir / target_dataset_options / target_records_dir: as data_dir,
+        dataset_options and records_dir, for the target domain.
+      target_split: a split JSON file (or published name) for the target; None = drawn with
+        split_seed: test/val as `draw_split` on the target's annotated patients, every other
+        target patient an unlabeled training image.
     """
 
     method: str
@@ -95,6 +106,11 @@ class TrainConfig:
     export: bool = True
     verbose: int = 2
     summary_every: int = 50
+    target_dataset: str | None = None
+    target_data_dir: str | None = None
+    target_dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    target_records_dir: str | None = None
+    target_split: str | None = None
 
     def __post_init__(self):
         if self.distribute not in distribute.STRATEGIES:
@@ -109,6 +125,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "dataset_options", dict(self.dataset_options))
+        object.__setattr__(self, "target_dataset_options", dict(self.target_dataset_options))
+        if self.target_dataset is None and (self.target_data_dir or self.target_records_dir
+                                            or self.target_split or self.target_dataset_options):
+            raise ValueError("--target_data_dir / --target_records_dir / --target_split need "
+                             "--target_dataset (the second domain's dataset).")
 
     @property
     def training_seed(self) -> int:
@@ -131,24 +152,22 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     chief = distribute.is_chief(strategy)
     module = get_method_module(config.method)
     dataset = get_dataset(config.dataset, **config.dataset_options)
-    overrides = list(config.overrides)
-    overrides += [f"{k}={getattr(config, k)}" for k in ("steps", "validation_every")
-                  if getattr(config, k) is not None]
-    method_config = resolve_config(module, config.preset, overrides)
-    for field in ("steps", "validation_every"):
-        if not hasattr(method_config, field):
-            raise ValueError(f"Method {config.method!r}: its Config lacks {field!r}.")
+    method_config = method_settings(module, config)
 
     # Multi-worker: the chief preprocesses while the others wait, so no two processes write
     # (or clean up after) the same records folder.
     if not chief:
         distribute.barrier(strategy)
     records_dir = resolve_records(config, dataset)
+    target = _target_domain(config) if config.target_dataset else None
     if chief:
         distribute.barrier(strategy)
     manifest = pipeline.load_manifest(records_dir)
     split = _split(config, dataset, manifest)
-    data_spec = DataSpec(**dataclasses.asdict(pipeline.dataset_facts(manifest)))
+    data_spec = pipeline.dataset_facts(manifest)
+    check_method_supports(module, config.method, data_spec)
+    if target is not None:
+        _check_target(target, manifest, data_spec)
     run_dir = config.run_dir or os.path.join("runs", config.dataset, split.name, config.method,
                                              f"seed{config.training_seed}")
     # Non-chief workers of a multi-worker run write to a private folder (docs/performance.md).
@@ -169,17 +188,25 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     policy = "best_val" if validator is not None and plans and plans[-1].stage.select_best \
         else "last"
     run_config = _run_config(config, method, data_spec, split, records_dir, run_dir, policy,
-                             plans, strategy)
+                             plans, strategy, target)
     if chief:
-        _write_config(run_dir, run_config)
+        run_folder.write_config(run_dir, run_config, _RESUME_KEYS)
 
     summary = _train_stages(config, method, strategy, plans, validator, split, records_dir,
-                            run_dir, output_dir, chief)
+                            run_dir, output_dir, chief, target)
     summary.update(run_dir=run_dir, output_dir=output_dir, checkpoint_policy=policy, test=None,
-                   export_path=None)
+                   test_target=None, export_path=None)
+    if not any(p.stage.trains_segmentor for p in plans):
+        # Nothing to evaluate or export: e.g. a translation-only method (its networks are in
+        # checkpoints/best.weights.h5).
+        logging.info("No stage of %s trains the segmentor: evaluation and export skipped.",
+                     config.method)
+        return summary
     if chief and config.evaluate:
         from tfseg.evaluate import evaluate_run
         summary["test"] = evaluate_run(run_dir, "test")
+        if target is not None and target["split"]["test"]:
+            summary["test_target"] = evaluate_run(run_dir, "test", domain="target")
     if chief and config.export:
         from tfseg.export import export_run
         # Overwrite: a re-run re-selects the same checkpoint, and the export must match it.
@@ -188,6 +215,102 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- setup helpers
+def method_settings(module, config: TrainConfig):
+    """The method's Config, resolved once: defaults, preset, `--set`, then --steps and
+    --validation_every as typed values.
+
+    Raises:
+      ValueError: for a bad preset or override, or a method Config without steps /
+        validation_every.
+    """
+    method_config = resolve_config(module, config.preset, config.overrides)
+    for field in ("steps", "validation_every"):
+        if not hasattr(method_config, field):
+            raise ValueError(f"Method {config.method!r}: its Config lacks {field!r}.")
+    given = {k: getattr(config, k) for k in ("steps", "validation_every")
+             if getattr(config, k) is not None}
+    return dataclasses.replace(method_config, **given)
+
+
+def check_method_supports(module, name: str, data_spec: DataSpec) -> None:
+    """Refuses data a method cannot train on (its module's SPATIAL_DIMS and TARGETS).
+
+    Raises:
+      ValueError: naming the method, what the data needs and what the method supports.
+    """
+    dims = tuple(getattr(module, "SPATIAL_DIMS", (2, 3)))
+    if data_spec.spatial_dims not in dims:
+        raise ValueError(f"Method {name!r} trains on {' or '.join(map(str, dims))}D data; these "
+                         f"records are {data_spec.spatial_dims}D. Choose another dataset or "
+                         "method.")
+    targets = tuple(getattr(module, "TARGETS", ("classes",)))
+    if data_spec.targets not in targets:
+        raise ValueError(f"Method {name!r} does not train for {data_spec.targets} targets "
+                         f"({', '.join(data_spec.reported_names)}); it supports "
+                         f"{', '.join(targets)}. Choose a dataset option with exclusive classes "
+                         "or a method that supports regions (e.g. supervised).")
+
+
+def _target_domain(config: TrainConfig) -> dict[str, Any]:
+    """Preprocesses (on first use) and splits the target domain; its config.json record."""
+    target_dataset = get_dataset(config.target_dataset, **config.target_dataset_options)
+    # Records of the target live under their own root, named by the data folder: the
+    # preprocessing fingerprint ignores the folder, so a target of the same dataset as the source
+    # (another site's scans, say) would otherwise share the source's records folder.
+    where = os.path.abspath(config.target_data_dir) if config.target_data_dir else "embedded"
+    records_root = os.path.join(
+        config.records_root, "target-" + hashlib.sha256(where.encode()).hexdigest()[:10])
+    domain = dataclasses.replace(
+        config, dataset=config.target_dataset, data_dir=config.target_data_dir,
+        dataset_options=config.target_dataset_options, records_dir=config.target_records_dir,
+        records_root=records_root,
+        target_dataset=None, target_data_dir=None, target_dataset_options={},
+        target_records_dir=None, target_split=None)
+    records_dir = resolve_records(domain, target_dataset)
+    manifest = pipeline.load_manifest(records_dir)
+    if config.target_split is not None:
+        published, path = split_source(config.target_split, None, target_dataset,
+                                       config.target_dataset)
+        split = splits_lib.resolve_split(manifest, target_dataset, published=published,
+                                         path=path, allow_no_labeled=True)
+    else:
+        labeled, image_only = splits_lib.patient_pools(manifest)
+        split = splits_lib.draw_target_split(labeled, image_only, config.split_seed,
+                                             config.num_val, config.num_test)
+    return {"dataset": config.target_dataset,
+            "dataset_options": dict(config.target_dataset_options),
+            "data_dir": config.target_data_dir, "records_dir": os.path.abspath(records_dir),
+            "split": split.to_dict()}
+
+
+def _check_target(target: Mapping[str, Any], manifest: Mapping[str, Any],
+                  data_spec: DataSpec) -> None:
+    """The target domain must feed the same networks: same channels; and, when it has labels to
+    evaluate, the same classes and regions.
+
+    Raises:
+      ValueError: naming both datasets and what differs.
+    """
+    other = pipeline.load_manifest(target["records_dir"])
+    names = (f"target {target['dataset']!r} ({target['records_dir']})",
+             f"source {manifest.get('dataset')!r}")
+    if len(other["modalities"]) != data_spec.num_channels:
+        raise ValueError(f"The {names[0]} has modalities {other['modalities']}, the {names[1]} "
+                         f"{manifest['modalities']}: a run's domains need the same number of "
+                         "channels (choose the target's modalities to match).")
+    target_spec = pipeline.dataset_facts(other, data_spec.example_shape
+                                         if data_spec.spatial_dims == 3 else None)
+    if target["split"]["test"] and (
+            target_spec.class_names != data_spec.class_names
+            or target_spec.region_names != data_spec.region_names
+            or target_spec.region_classes != data_spec.region_classes):
+        raise ValueError(f"The {names[0]} has classes {list(target_spec.class_names)} and regions "
+                         f"{list(target_spec.region_names)}; the {names[1]} "
+                         f"{list(data_spec.class_names)} and {list(data_spec.region_names)}. "
+                         "Evaluating on the target needs the same label map (or give the target "
+                         "a split without test patients).")
+
+
 def resolve_records(config, dataset) -> str:
     """Preprocesses on first use; returns the records folder.
 
@@ -250,9 +373,7 @@ def _validator(records_dir, manifest, split, data_spec: DataSpec, method) -> cb.
     for subject_id in pipeline.subject_ids_for(manifest, split.val, labeled=True):
         image, label = pipeline.load_subject(records_dir, subject_id, manifest)
         volumes.append((subject_id, image, label))
-    patch = data_spec.example_shape if data_spec.spatial_dims == 3 else None
-    return cb.Validator(volumes, data_spec.num_classes, data_spec.spatial_dims,
-                        method.size_multiple, patch)
+    return cb.Validator(volumes, data_spec, method.size_multiple)
 
 
 def _git_commit() -> str:
@@ -269,7 +390,7 @@ def _git_commit() -> str:
 
 
 def _run_config(config, method, data_spec, split, records_dir, run_dir, policy, plans,
-                strategy) -> dict[str, Any]:
+                strategy, target) -> dict[str, Any]:
     return {
         "method": config.method, "method_config": dataclasses.asdict(method.config),
         "preset": config.preset, "train": dataclasses.asdict(config),
@@ -279,7 +400,9 @@ def _run_config(config, method, data_spec, split, records_dir, run_dir, policy, 
         "size_multiple": method.size_multiple, "run_dir": os.path.abspath(run_dir),
         "pipeline": {"labeled_batch_size": method.labeled_batch_size,
                      "unlabeled_batch_size": method.unlabeled_batch_size,
+                     "target_batch_size": method.target_batch_size if target else 0,
                      "augment": method.pipeline_augment, "seed": config.training_seed},
+        "target": target,
         "stages": [dict(dataclasses.asdict(p.stage), steps_per_round=p.steps_per_epoch)
                    for p in plans],
         "num_replicas": strategy.num_replicas_in_sync,
@@ -289,24 +412,9 @@ def _run_config(config, method, data_spec, split, records_dir, run_dir, policy, 
     }
 
 
-def _write_config(run_dir: str, run_config: Mapping[str, Any]) -> None:
-    """Writes config.json; refuses to resume into a folder that holds a different run."""
-    path = os.path.join(run_dir, CONFIG_NAME)
-    new = json.loads(json.dumps(run_config, default=str))
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        differs = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
-        if differs:
-            raise ValueError(f"{run_dir} already holds a run with other settings (differs in: "
-                             f"{', '.join(differs)}). Use another --run_dir, or delete the folder "
-                             "to start over.")
-    cb.write_json_atomic(path, new)
-
-
 # --------------------------------------------------------------------------- the loop
 def _train_stages(config, method, strategy, plans, validator, split, records_dir, run_dir,
-                  output_dir, chief) -> dict[str, Any]:
+                  output_dir, chief, target) -> dict[str, Any]:
     checkpoints = os.path.join(run_dir, "checkpoints")
     out_checkpoints = os.path.join(output_dir, "checkpoints")
     progress_path = os.path.join(checkpoints, "progress.json")
@@ -342,8 +450,8 @@ def _train_stages(config, method, strategy, plans, validator, split, records_dir
             initial_epoch = int(restored["epoch"])
             best = cb.BestRecord(float(restored["best_mean_dice"]), int(restored["best_step"]))
             step = int(restored["step"])
-            logging.info("Resuming stage %s at step %d (seg_optimizer iterations %d).",
-                         plan.stage.name, step, int(method.seg_optimizer.iterations.numpy()))
+            logging.info("Resuming stage %s at step %d (optimizer iterations %d).",
+                         plan.stage.name, step, method.steps_done)
             train_log.truncate(step)
             # Fresh random draws after a resume (the seed state is not part of the weights).
             seed_state = method.seed_generator.state
@@ -359,8 +467,7 @@ def _train_stages(config, method, strategy, plans, validator, split, records_dir
             train_log.truncate(plan.step_offset)
         callbacks = [
             cb.StepMonitor(plan, train_writer, config.summary_every),
-            cb.RoundEnd(plan, validator=validator, class_names=method.data_spec.class_names,
-                        state=state, train_log=train_log, best=best, output_dir=output_dir,
+            cb.RoundEnd(plan, validator=validator, state=state, train_log=train_log, best=best, output_dir=output_dir,
                         validation_writer=validation_writer, start_time=start),
         ]
         # No keras.callbacks.TensorBoard: its batch scalars use a per-fit() counter (restarting
@@ -368,7 +475,7 @@ def _train_stages(config, method, strategy, plans, validator, split, records_dir
         # callbacks above log every tracked value against the global step instead.
         try:
             _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch,
-                       callbacks)
+                       callbacks, target)
         finally:
             callbacks[0].close()  # leaves the default summary writer even when fit() raised
         # Each worker reads its own copy: the chief may be renaming a newer file into its folder.
@@ -380,7 +487,7 @@ def _train_stages(config, method, strategy, plans, validator, split, records_dir
             cb.save_weights_atomic(method, stage_weights)
             progress["completed"].append(plan.key)
             progress["best"][plan.key] = dataclasses.asdict(best)
-            cb.write_json_atomic(progress_path, progress)
+            write_json_atomic(progress_path, progress, sort_keys=True, default=str)
         state.clear(plan)
     # The selected checkpoint (best of the last stage, or its last weights).
     cb.save_best(method, output_dir)
@@ -391,18 +498,24 @@ def _train_stages(config, method, strategy, plans, validator, split, records_dir
             "steps": sum(p.stage.steps for p in plans), "train_seconds": time.time() - start}
 
 
-def _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch, callbacks):
+def _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch, callbacks,
+               target):
     """One stage: `fit()`, or the custom loop under multi-worker."""
     labeled = method.labeled_batch_size
     unlabeled = method.unlabeled_batch_size
+    target_batch = method.target_batch_size if target else 0
     replicas = strategy.num_replicas_in_sync
     distribute.per_replica_batch(labeled, strategy, "labeled batch size")
     if unlabeled:
         distribute.per_replica_batch(unlabeled, strategy, "unlabeled batch size")
+    if target_batch:
+        distribute.per_replica_batch(target_batch, strategy, "target batch size")
+    target_source = (None if not target_batch else
+                     (target["records_dir"], splits_lib.Split.from_dict(target["split"])))
     # A stage-dependent seed, shifted on resume, so a resumed stage does not replay its batches.
     seed = config.training_seed * 1000 + plan.index * 100_003 + initial_epoch
 
-    def make_config(labeled_batch, unlabeled_batch, pipeline_seed):
+    def make_config(labeled_batch, unlabeled_batch, pipeline_seed, target_batch=0):
         # Methods without an unlabeled stream still get a small one (one image per replica,
         # unused): the element structure is the same for every method. Deterministic order:
         # the same seed gives the same batches, so runs of two methods with the same seed see
@@ -411,7 +524,8 @@ def _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch
         return pipeline.PipelineConfig(
             labeled_batch_size=labeled_batch, unlabeled_batch_size=unlabeled_batch,
             augment=method.pipeline_augment, seed=pipeline_seed,
-            include_unlabeled=bool(unlabeled), deterministic=True)
+            include_unlabeled=bool(unlabeled), deterministic=True,
+            target_batch_size=target_batch)
 
     verbose = config.verbose
     if distribute.is_multi_worker(strategy):
@@ -419,14 +533,15 @@ def _fit_stage(config, method, strategy, plan, split, records_dir, initial_epoch
             per_replica = context.get_per_replica_batch_size
             return pipeline.training_dataset(records_dir, split, make_config(
                 per_replica(labeled), per_replica(unlabeled) if unlabeled else 1,
-                seed + 7919 * context.input_pipeline_id))
+                seed + 7919 * context.input_pipeline_id,
+                per_replica(target_batch) if target_batch else 0), target=target_source)
 
         distribute.fit_custom_loop(method, strategy, dataset_fn, initial_epoch=initial_epoch,
                                    epochs=plan.end_epoch, steps_per_epoch=plan.steps_per_epoch,
                                    callbacks=callbacks, verbose=verbose)
         return
     dataset = pipeline.training_dataset(records_dir, split, make_config(
-        labeled, unlabeled or replicas, seed))
+        labeled, unlabeled or replicas, seed, target_batch), target=target_source)
     method._initial_epoch = None  # fit() prefers it to initial_epoch; BackupAndRestore sets it
     method.fit(dataset, steps_per_epoch=plan.steps_per_epoch, epochs=plan.end_epoch,
                initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)

@@ -41,11 +41,12 @@ import tensorflow as tf
 from tfseg.data import augment as augment_lib
 from tfseg.data import schema
 from tfseg.data import splits as splits_lib
+from tfseg.data.spec import DataSpec
 
 MANIFEST_NAME = "manifest.json"
 _TOP_KEYS = ("schema_version", "spatial_dims", "modalities", "class_names", "subjects")
 _SUBJECT_KEYS = ("patient_id", "labeled", "shard", "num_examples", "shape_zyx")
-_LABELED_STREAM, _UNLABELED_STREAM = 1, 2
+_LABELED_STREAM, _UNLABELED_STREAM, _TARGET_STREAM = 1, 2, 3
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -63,6 +64,7 @@ class PipelineConfig:
       include_unlabeled: False = the unlabeled stream repeats the labeled subjects' images.
       cache: keep parsed examples in memory.
       deterministic: fixed element order (slower); see the module docstring.
+      target_batch_size: images per batch of the second domain's stream (0: no target stream).
     """
 
     labeled_batch_size: int
@@ -75,8 +77,12 @@ class PipelineConfig:
     include_unlabeled: bool = True
     cache: bool = True
     deterministic: bool = False
+    target_batch_size: int = 0
 
     def __post_init__(self):
+        if int(self.target_batch_size) < 0:
+            raise ValueError(f"PipelineConfig.target_batch_size must be >= 0, got "
+                             f"{self.target_batch_size}.")
         for name in ("labeled_batch_size", "unlabeled_batch_size", "shuffle_buffer",
                      "patches_per_volume"):
             if int(getattr(self, name)) < 1:
@@ -88,17 +94,6 @@ class PipelineConfig:
                                  f" got {self.patch_size_zyx}.")
             object.__setattr__(self, "patch_size_zyx", size)
         augment_lib.parse_spec(self.augment)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetFacts:
-    """What a model needs to know about the records (fields match methods.base.DataSpec)."""
-
-    spatial_dims: int
-    num_channels: int
-    num_classes: int
-    class_names: tuple[str, ...]
-    example_shape: tuple[int, ...]  # (H, W) slices or the (D, H, W) training patch
 
 
 def load_manifest(records_dir: str) -> dict[str, Any]:
@@ -164,32 +159,9 @@ def subject_ids_for(manifest: Mapping[str, Any], patient_ids: Sequence[str],
     return sorted(chosen)
 
 
-def _patch_size(manifest: Mapping[str, Any], patch_size_zyx) -> tuple[int, int, int]:
-    size = patch_size_zyx or (manifest.get("settings") or {}).get("patch_size_zyx")
-    if not size:
-        raise ValueError("3D records: no patch size; set PipelineConfig.patch_size_zyx or "
-                         "re-run preprocessing (its manifest records settings.patch_size_zyx).")
-    return tuple(int(v) for v in size)
-
-
-def dataset_facts(manifest: Mapping[str, Any], patch_size_zyx=None) -> DatasetFacts:
-    """Channels, classes, dimensionality and the training example shape of a manifest.
-
-    Raises:
-      ValueError: if 2D subjects have different in-plane shapes (no fixed crop).
-    """
-    dims = int(manifest["spatial_dims"])
-    if dims == 2:
-        shapes = {tuple(e["shape_zyx"][1:]) for e in manifest["subjects"].values()}
-        if len(shapes) != 1:
-            raise ValueError(f"2D records with different in-plane shapes {sorted(shapes)}; "
-                             "preprocess with a fixed crop_size_yx.")
-        example_shape = tuple(int(v) for v in shapes.pop())
-    else:
-        example_shape = _patch_size(manifest, patch_size_zyx)
-    return DatasetFacts(spatial_dims=dims, num_channels=len(manifest["modalities"]),
-                        num_classes=len(manifest["class_names"]),
-                        class_names=tuple(manifest["class_names"]), example_shape=example_shape)
+def dataset_facts(manifest: Mapping[str, Any], patch_size_zyx=None) -> DataSpec:
+    """The `DataSpec` of a manifest (`DataSpec.from_manifest`)."""
+    return DataSpec.from_manifest(manifest, patch_size_zyx)
 
 
 def _shard_paths(records_dir, manifest, subject_ids) -> list[str]:
@@ -281,19 +253,23 @@ def _patches_stream(paths, patch_size, num_channels, with_label, batch_size,
     return patches.batch(batch_size, drop_remainder=True)
 
 
-def training_dataset(records_dir: str, split: splits_lib.Split,
-                     config: PipelineConfig) -> tf.data.Dataset:
+def training_dataset(records_dir: str, split: splits_lib.Split, config: PipelineConfig,
+                     target: tuple[str, splits_lib.Split] | None = None) -> tf.data.Dataset:
     """The infinite training stream of a split.
 
     Args:
       records_dir: folder with manifest.json and the shards.
       split: patient-level split; `labeled` feeds the labeled stream, `unlabeled` the other.
       config: see `PipelineConfig`.
+      target: (records folder, split) of a second data domain; with
+        `config.target_batch_size` > 0 its training patients (labeled and unlabeled parts of
+        its split; labels are never delivered) feed a `target` stream, un-augmented like the
+        unlabeled one. 3D targets are cut into the source's patch size.
 
     Returns:
       A dataset of {"labeled": {"image": (Bl, *S, C) float32, "label": (Bl, *S) int32},
-      "unlabeled": {"image": (Bu, *S, C) float32}} with static shapes; S = (H, W) for 2D, the
-      patch size for 3D.
+      "unlabeled": {"image": (Bu, *S, C) float32}} (+ "target": {"image": (Bt, *S', C)}) with
+      static shapes; S = (H, W) for 2D, the patch size for 3D.
 
     Raises:
       ValueError: for a missing/bad manifest or shard, a split that does not fit the records,
@@ -332,8 +308,32 @@ def training_dataset(records_dir: str, split: splits_lib.Split,
 
     labeled = labeled.enumerate().map(finish_labeled, num_parallel_calls=AUTOTUNE,
                                       deterministic=config.deterministic)
-    dataset = tf.data.Dataset.zip({"labeled": labeled, "unlabeled": unlabeled})
-    return dataset.prefetch(AUTOTUNE)
+    streams = {"labeled": labeled, "unlabeled": unlabeled}
+    if config.target_batch_size:
+        if target is None:
+            raise ValueError("PipelineConfig.target_batch_size > 0 needs the target domain's "
+                             "(records folder, split).")
+        streams["target"] = _target_stream(*target, facts, config)
+    return tf.data.Dataset.zip(streams).prefetch(AUTOTUNE)
+
+
+def _target_stream(records_dir: str, split: splits_lib.Split, source: DataSpec,
+                   config: PipelineConfig) -> tf.data.Dataset:
+    """Images of the target domain's training patients, batched like the unlabeled stream."""
+    manifest = load_manifest(records_dir)
+    facts = dataset_facts(manifest, source.example_shape if source.spatial_dims == 3 else None)
+    if facts.spatial_dims != source.spatial_dims or facts.num_channels != source.num_channels:
+        raise ValueError(f"Target records {records_dir} are {facts.spatial_dims}D with "
+                         f"{facts.num_channels} channel(s); the source is {source.spatial_dims}D "
+                         f"with {source.num_channels}. Preprocess the target to match.")
+    patients = [*split.labeled, *split.unlabeled]
+    if not patients:
+        raise ValueError(f"The target split {split.name!r} has no training patient (labeled or "
+                         f"unlabeled) for the records {records_dir}.")
+    subject_ids = subject_ids_for(manifest, patients)
+    build = _slices_stream if facts.spatial_dims == 2 else _patches_stream
+    return build(_shard_paths(records_dir, manifest, subject_ids), facts.example_shape,
+                 facts.num_channels, False, config.target_batch_size, config, _TARGET_STREAM)
 
 
 def measure_pipeline_throughput(dataset: tf.data.Dataset, num_batches: int,

@@ -133,7 +133,8 @@ def load_split(path: str) -> Split:
 
 
 def validate_split(split: Split, available_labeled_patients: Iterable[str],
-                   available_patients: Iterable[str], source: str | None = None) -> None:
+                   available_patients: Iterable[str], source: str | None = None,
+                   allow_no_labeled: bool = False) -> None:
     """Checks the split's patients against what the records hold.
 
     Args:
@@ -141,6 +142,7 @@ def validate_split(split: Split, available_labeled_patients: Iterable[str],
       available_labeled_patients: patients with at least one labeled subject.
       available_patients: every patient in the records.
       source: where the split came from (file path, published name) for the message.
+      allow_no_labeled: accept an empty `labeled` list (a target domain's split).
 
     Raises:
       ValueError: for an unknown patient, or a labeled/val/test patient without a label.
@@ -158,7 +160,7 @@ def validate_split(split: Split, available_labeled_patients: Iterable[str],
         if no_label:
             raise ValueError(f"{where}: {part} patient(s) {', '.join(no_label)} have no label; "
                              f"{part} needs annotated patients (move them to 'unlabeled').")
-    if not split.labeled:
+    if not split.labeled and not allow_no_labeled:
         raise ValueError(f"{where}: 'labeled' is empty; at least one annotated patient is needed "
                          "for training.")
 
@@ -214,6 +216,35 @@ def draw_split(labeled_patients: Sequence[str], unlabeled_patients: Sequence[str
                  test=tuple(sorted(test)), seed=int(seed))
 
 
+def draw_target_split(labeled_patients: Sequence[str], unlabeled_patients: Sequence[str],
+                      seed: int, num_val: int | None = None, num_test: int | None = None
+                      ) -> Split:
+    """The split of a run's second (target) domain, whose labels never train anything.
+
+    Test and val are drawn from the annotated patients exactly as `draw_split` does (same
+    defaults, same permutation for a seed); every other patient, annotated or not, is an
+    unlabeled training image. A target without annotations has empty test and val lists.
+
+    Returns:
+      A Split named f"target_seed{seed}" with an empty `labeled` list.
+    """
+    pool = sorted(set(map(str, labeled_patients)))
+    image_only = sorted(set(map(str, unlabeled_patients)) - set(pool))
+    if not pool:
+        return Split(name=f"target_seed{seed}", labeled=(), unlabeled=tuple(image_only),
+                     val=(), test=(), seed=int(seed))
+    num_test = max(1, round(0.25 * len(pool))) if num_test is None else num_test
+    num_val = max(1, round(0.1 * len(pool))) if num_val is None else num_val
+    if num_val < 0 or num_test < 0 or num_val + num_test > len(pool):
+        raise ValueError(f"Target domain: {num_test} test + {num_val} val patients do not fit its "
+                         f"{len(pool)} annotated patients; lower --num_test / --num_val.")
+    order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
+    test, val = order[:num_test], order[num_test:num_test + num_val]
+    rest = order[num_test + num_val:]
+    return Split(name=f"target_seed{seed}", labeled=(), unlabeled=tuple(sorted(rest + image_only)),
+                 val=tuple(sorted(val)), test=tuple(sorted(test)), seed=int(seed))
+
+
 def published_split(dataset, name: str) -> Split:
     """The split `name` from `dataset.published_splits`.
 
@@ -242,7 +273,8 @@ def patient_pools(manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
 
 def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str | None = None,
                   path: str | None = None, num_labeled: int | None = None, seed: int = 0,
-                  num_val: int | None = None, num_test: int | None = None) -> Split:
+                  num_val: int | None = None, num_test: int | None = None,
+                  allow_no_labeled: bool = False) -> Split:
     """Returns the split chosen by exactly one of: a published name, a file, or (num_labeled, seed).
 
     The result is validated against the records' manifest (every patient known; labeled, val and
@@ -275,5 +307,6 @@ def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str |
     else:
         split = draw_split(labeled_pool, image_only, num_labeled, seed, num_val, num_test)
         source = f"drawn split {split.name!r}"
-    validate_split(split, labeled_pool, labeled_pool + image_only, source=source)
+    validate_split(split, labeled_pool, labeled_pool + image_only, source=source,
+                   allow_no_labeled=allow_no_labeled)
     return split

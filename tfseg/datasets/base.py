@@ -64,6 +64,13 @@ class Dataset:
         receive-coil bias and would distort Hounsfield units).
       content_version: generated datasets: the generator's version, part of the preprocessing
         fingerprint so records of an older generation are never reused; None for real data.
+      regions: region targets, (name, label values) in painting order (outermost first), e.g.
+        BraTS (("whole_tumour", (1, 2, 4)), ("tumour_core", (1, 4)), ("enhancing_tumour", (4,))).
+        Empty (the default): the classes are the targets. Regions may overlap; a model predicts
+        one sigmoid per region, and evaluation scores every region (`tfseg.data.spec`).
+      region_paint: per region, the label value painted for it when a label map is built back
+        from region predictions; None = `tfseg.data.spec.default_paint` (the smallest value of
+        the region that no later region holds).
     """
 
     name: str
@@ -85,6 +92,8 @@ class Dataset:
     orientation_reliable: bool = True
     n4_default: bool = True
     content_version: int | None = None
+    regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    region_paint: tuple[int, ...] | None = None
 
     @property
     def num_classes(self) -> int:

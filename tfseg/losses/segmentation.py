@@ -7,6 +7,9 @@ Conventions shared by every function here:
 - Everything is computed in float32 whatever the input dtypes (bf16 logits under
   `mixed_bfloat16` included), with log-softmax for numerical stability: logits of ±1e4 give finite
   losses and gradients.
+- `activation` says what the logits mean: "softmax" (default) for exclusive classes, "sigmoid"
+  for overlapping regions (one independent sigmoid per channel; `y_true` holds region masks,
+  and every channel is foreground).
 - The result is one value per example; the caller reduces (under a distribution strategy, with
   the global batch size: docs/performance.md).
 """
@@ -18,6 +21,19 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 LOSS_NAMES = ("ce", "weighted_ce", "dice", "dice_ce")
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}; choose one of {list(ACTIVATIONS)}.")
+
+
+def probabilities_of(logits, activation: str = "softmax"):
+    """Softmax over the class axis, or an element-wise sigmoid (regions); float32."""
+    _check_activation(activation)
+    logits = tf.cast(logits, tf.float32)
+    return tf.nn.softmax(logits, axis=-1) if activation == "softmax" else tf.sigmoid(logits)
 
 
 def _prepare(y_true, logits):
@@ -65,8 +81,13 @@ def task_driven_class_weights(num_classes: int) -> tuple[float, ...]:
     return (0.1,) + (0.9 / (num_classes - 1),) * (num_classes - 1)
 
 
-def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None):
+def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None,
+                  activation: str = "softmax"):
     """(Class-weighted) softmax cross-entropy, averaged over voxels, per example.
+
+    With `activation="sigmoid"` (regions) it is the binary cross-entropy of each region,
+    averaged over voxels and regions; `class_weights` then weigh the regions (per voxel
+    w = mean over regions of wᵣ·BCEᵣ, not renormalised).
 
     Per voxel: CE = −Σₖ yₖ·log softmax(logits)ₖ and, with class weights, the voxel weight
     w = Σₖ wₖ·yₖ (the weight of its class for one-hot labels; the probability-weighted mix for soft
@@ -78,6 +99,7 @@ def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None):
         y_true: (B, *S, K) class probabilities.
         logits: (B, *S, K).
         class_weights: None (unweighted) or K weights, e.g. `task_driven_class_weights(K)`.
+        activation: "softmax" (classes) or "sigmoid" (regions).
 
     Returns:
         (B,) float32.
@@ -85,7 +107,13 @@ def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None):
     Raises:
         ValueError: on mismatched shapes or a class_weights length other than K.
     """
+    _check_activation(activation)
     y_true, logits, spatial_axes = _prepare(y_true, logits)
+    if activation == "sigmoid":
+        voxel_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=logits)
+        if class_weights is not None:
+            voxel_bce = voxel_bce * _class_weight_vector(class_weights, logits.shape[-1])
+        return tf.reduce_mean(voxel_bce, axis=spatial_axes + [logits.shape.rank - 1])
     voxel_ce = -tf.reduce_sum(y_true * tf.nn.log_softmax(logits, axis=-1), axis=-1)   # (B, *S)
     if class_weights is not None:
         weights = _class_weight_vector(class_weights, logits.shape[-1])
@@ -93,7 +121,8 @@ def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None):
     return tf.reduce_mean(voxel_ce, axis=spatial_axes)
 
 
-def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: bool = False):
+def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: bool = False,
+                   activation: str = "softmax"):
     """Soft Dice loss per example: 1 − mean over classes of (2Σp·y + s) / (Σp + Σy + s).
 
     p = softmax(logits); sums run over the spatial axes of each example and class separately
@@ -106,6 +135,8 @@ def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: boo
         logits: (B, *S, K).
         smooth: s, added to numerator and denominator.
         include_background: average over all K classes instead of classes 1 … K−1.
+        activation: "softmax" (classes) or "sigmoid" (regions: p = sigmoid(logits), every
+            region is averaged; `include_background` does not apply).
 
     Returns:
         (B,) float32 in [0, 1].
@@ -114,8 +145,8 @@ def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: boo
         ValueError: on mismatched shapes, or K = 1 without include_background.
     """
     y_true, logits, spatial_axes = _prepare(y_true, logits)
-    probabilities = tf.nn.softmax(logits, axis=-1)
-    if not include_background:
+    probabilities = probabilities_of(logits, activation)
+    if activation == "softmax" and not include_background:
         if logits.shape[-1] is not None and logits.shape[-1] < 2:
             raise ValueError("soft_dice_loss: include_background=False needs at least 2 classes.")
         probabilities, y_true = probabilities[..., 1:], y_true[..., 1:]
@@ -126,7 +157,7 @@ def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: boo
 
 
 def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.0,
-                 class_weights: Sequence[float] | None = None):
+                 class_weights: Sequence[float] | None = None, activation: str = "softmax"):
     """dice_weight · soft_dice_loss (foreground classes) + ce_weight · cross_entropy.
 
     Args:
@@ -135,6 +166,7 @@ def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.
         dice_weight: factor of the soft Dice term.
         ce_weight: factor of the cross-entropy term.
         class_weights: optional class weights of the cross-entropy term.
+        activation: "softmax" (classes) or "sigmoid" (regions).
 
     Returns:
         (B,) float32.
@@ -142,8 +174,9 @@ def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.
     Raises:
         ValueError: as `cross_entropy` and `soft_dice_loss`.
     """
-    return (dice_weight * soft_dice_loss(y_true, logits)
-            + ce_weight * cross_entropy(y_true, logits, class_weights=class_weights))
+    return (dice_weight * soft_dice_loss(y_true, logits, activation=activation)
+            + ce_weight * cross_entropy(y_true, logits, class_weights=class_weights,
+                                        activation=activation))
 
 
 def get_loss(name: str, num_classes: int | None = None,

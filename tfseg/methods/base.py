@@ -23,48 +23,9 @@ from typing import Any, Mapping, Sequence
 import keras
 import tensorflow as tf
 
+from tfseg.data.spec import DataSpec  # noqa: F401  (re-exported: the method contract)
 from tfseg.losses.segmentation import cross_entropy, soft_dice_loss
 from tfseg.overrides import apply_overrides, config_from_dict  # noqa: F401  (re-exported)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """What a method needs to know about the data to build its networks.
-
-    Attributes:
-      spatial_dims: 2 (slices) or 3 (patches).
-      num_channels: image channels (modalities).
-      num_classes: classes including background (index 0).
-      class_names: one name per class.
-      example_shape: the spatial shape of one training example: (H, W) or the patch (D, H, W).
-    """
-
-    spatial_dims: int
-    num_channels: int
-    num_classes: int
-    class_names: tuple[str, ...]
-    example_shape: tuple[int, ...]
-
-    def __post_init__(self):
-        if self.spatial_dims not in (2, 3):
-            raise ValueError(f"DataSpec.spatial_dims must be 2 or 3, got {self.spatial_dims!r}.")
-        if len(self.example_shape) != self.spatial_dims:
-            raise ValueError(f"DataSpec.example_shape {self.example_shape} must have "
-                             f"{self.spatial_dims} entries (spatial_dims).")
-        if len(self.class_names) != self.num_classes or self.num_classes < 2:
-            raise ValueError(f"DataSpec: {self.num_classes} classes but class names "
-                             f"{self.class_names}; need one name per class, at least 2 classes.")
-        if self.num_channels < 1:
-            raise ValueError(f"DataSpec.num_channels must be >= 1, got {self.num_channels}.")
-
-    @property
-    def input_shape(self) -> tuple[int | None, ...]:
-        """Network input shape: spatial axes left free (the networks are fully convolutional)."""
-        return (None,) * self.spatial_dims + (self.num_channels,)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataSpec":
-        return config_from_dict(cls, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +38,19 @@ class Stage:
       description: one line for the logs.
       select_best: keep (and restore at the end of the stage) the weights with the best validation
         Dice of this stage; False keeps the last weights.
+      trains_segmentor: False for a stage that trains only other networks (a GAN stage): it is
+        not validated (its rounds still log, checkpoint and resume) and keeps its last weights.
     """
 
     name: str
     steps: int
     description: str = ""
     select_best: bool = True
+    trains_segmentor: bool = True
+
+    def __post_init__(self):
+        if not self.trains_segmentor and self.select_best:
+            object.__setattr__(self, "select_best", False)  # nothing to select on
 
 
 class SegMethod(keras.Model):
@@ -92,14 +60,26 @@ class SegMethod(keras.Model):
     TensorBoard: every loss term and each network's gradient norm), implement
     `make_optimizers()` and `train_step(data)`, and may override `stages()` and `begin_stage()`.
     `data` is the pipeline's batch:
-    {"labeled": {"image": (B, *S, C), "label": (B, *S) int32}, "unlabeled": {"image": ...}}.
+    {"labeled": {"image": (B, *S, C), "label": (B, *S) int32}, "unlabeled": {"image": ...}}
+    plus {"target": {"image": ...}} when the method asks for a target-domain stream
+    (`target_batch_size` > 0 and the run names a target dataset).
+
+    What the method's segmentation IS lives in one place, `self.predictor`: a Keras model from
+    images to probabilities (B, *S, R|K). By default it is the segmentor followed by the output
+    activation of the data's targets (softmax over classes, one sigmoid per region); a method
+    whose prediction is something else (e.g. the mean of two decoders' probabilities) passes its
+    own `predictor` and exposes a module-level `build_predictor(config, data_spec)` so a run can
+    be evaluated and exported without building its other networks. Validation, evaluation, export
+    and prediction all use the predictor.
 
     Attributes:
       config: the method's resolved (frozen) `Config`.
       data_spec: the `DataSpec` it was built for.
-      segmentor: the exported network, logits out.
+      segmentor: the main segmentation network, logits out (what `call()` runs).
+      predictor: images -> probabilities; the exported network.
       pipeline_augment: augmentation spec the input pipeline applies to labeled batches.
-      labeled_batch_size / unlabeled_batch_size: global batch sizes (0: no unlabeled stream).
+      labeled_batch_size / unlabeled_batch_size / target_batch_size: global batch sizes (0: no
+        such stream).
       size_multiple: spatial sizes the segmentor accepts are multiples of this.
     """
 
@@ -107,15 +87,19 @@ class SegMethod(keras.Model):
 
     def __init__(self, config: Any, data_spec: DataSpec, segmentor: keras.Model, *,
                  labeled_batch_size: int, unlabeled_batch_size: int = 0,
-                 pipeline_augment: str = "none", size_multiple: int = 1,
-                 loss_names: Sequence[str] | None = None, seed: int | None = None,
-                 name: str | None = None):
+                 target_batch_size: int = 0, pipeline_augment: str = "none",
+                 size_multiple: int = 1, loss_names: Sequence[str] | None = None,
+                 seed: int | None = None, name: str | None = None,
+                 predictor: keras.Model | None = None):
         super().__init__(name=name)
         self.config = config
         self.data_spec = data_spec
         self.segmentor = segmentor
+        self.predictor = predictor if predictor is not None else probability_model(
+            segmentor, data_spec)
         self.labeled_batch_size = int(labeled_batch_size)
         self.unlabeled_batch_size = int(unlabeled_batch_size)
+        self.target_batch_size = int(target_batch_size)
         self.pipeline_augment = pipeline_augment
         self.size_multiple = int(size_multiple)
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -148,10 +132,12 @@ class SegMethod(keras.Model):
         resume cover all of them.
         """
         optimizers = self.make_optimizers()
-        if "seg_optimizer" not in optimizers:
-            raise ValueError(f"{type(self).__name__}.make_optimizers() must return a "
-                             "'seg_optimizer' entry.")
-        super().compile(optimizer=optimizers["seg_optimizer"][0], **kwargs)
+        if not optimizers:
+            raise ValueError(f"{type(self).__name__}.make_optimizers() returned no optimizer.")
+        # Keras reads the learning rate of `self.optimizer` for its logs: the segmentor's when
+        # there is one (a method whose stages train only other networks may have none).
+        main = optimizers.get("seg_optimizer") or next(iter(optimizers.values()))
+        super().compile(optimizer=main[0], **kwargs)
         for name, (optimizer, networks) in optimizers.items():
             setattr(self, name, optimizer)
             self.optimizer_networks[name] = tuple(networks)
@@ -164,6 +150,20 @@ class SegMethod(keras.Model):
 
     def optimizers(self) -> dict[str, keras.optimizers.Optimizer]:
         return {name: getattr(self, name) for name in self.optimizer_networks}
+
+    @property
+    def steps_done(self) -> int:
+        """Optimisation steps applied so far (the main optimizer's iterations)."""
+        return int(self.optimizer.iterations.numpy())
+
+    # ----------------------------------------------------------------------- state
+    def add_state(self, name: str, shape: Sequence[int], dtype: str = "float32",
+                  initializer: str = "zeros") -> keras.Variable:
+        """A non-trainable variable of the method that is not a network weight (an image pool,
+        a counter, an EMA): saved with every checkpoint and resume state, restored on resume.
+        Create it in `__init__`; update it in `train_step` with `.assign(...)`."""
+        return self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
+                               initializer=initializer, trainable=False)
 
     # ----------------------------------------------------------------------- schedule
     def stages(self) -> list[Stage]:
@@ -183,6 +183,18 @@ class SegMethod(keras.Model):
 
     def one_hot(self, labels: tf.Tensor) -> tf.Tensor:
         return tf.one_hot(labels, self.data_spec.num_classes, dtype=tf.float32)  # (B, *S, K)
+
+    def targets(self, labels: tf.Tensor) -> tf.Tensor:
+        """Training targets of a class-index batch (B, *S): one-hot classes (B, *S, K), or
+        region masks (B, *S, R) for region targets."""
+        if self.data_spec.targets == "regions":
+            return tf.gather(tf.constant(self.data_spec.region_table()), labels)
+        return self.one_hot(labels)
+
+    @property
+    def activation(self) -> str:
+        """"softmax" (classes) or "sigmoid" (regions): what the segmentor's logits go through."""
+        return self.data_spec.activation
 
     def apply_network_gradients(self, optimizer_name: str, tape: tf.GradientTape,
                                 loss: tf.Tensor) -> tf.Tensor:
@@ -212,9 +224,22 @@ class SegMethod(keras.Model):
         """Cross-entropy and Dice loss of the segmentor on a labeled batch (for `evaluate`)."""
         batch = data["labeled"] if "labeled" in data else data
         logits = tf.cast(self(batch["image"], training=False), tf.float32)
-        y_true = self.one_hot(batch["label"])
-        return {"val_ce": keras.ops.mean(cross_entropy(y_true, logits)),
-                "val_dice_loss": keras.ops.mean(soft_dice_loss(y_true, logits))}
+        y_true = self.targets(batch["label"])
+        activation = self.activation
+        return {"val_ce": keras.ops.mean(cross_entropy(y_true, logits, activation=activation)),
+                "val_dice_loss": keras.ops.mean(
+                    soft_dice_loss(y_true, logits, activation=activation))}
+
+
+def probability_model(segmentor: keras.Model, data_spec: DataSpec,
+                      name: str = "predictor") -> keras.Model:
+    """images -> the segmentor's probabilities (softmax over classes, or one sigmoid per
+    region), float32 whatever the compute dtype; shares the segmentor's layers."""
+    inputs = keras.Input(data_spec.input_shape, name="image")
+    logits = segmentor(inputs)
+    probabilities = keras.layers.Activation(data_spec.activation, dtype="float32",
+                                            name="probabilities")(logits)
+    return keras.Model(inputs, probabilities, name=name)
 
 
 # --------------------------------------------------------------------------- distribution helpers

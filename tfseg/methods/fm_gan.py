@@ -62,7 +62,8 @@ import tensorflow as tf
 
 from tfseg.losses import gan as gan_losses
 from tfseg.methods import supervised
-from tfseg.methods.base import DataSpec, SegMethod, global_mean, num_replicas
+from tfseg.methods.base import (DataSpec, SegMethod, global_mean, num_replicas,
+                               probability_model)
 from tfseg.networks import gan3d, unet
 
 SPATIAL_DIMS = (3,)
@@ -349,6 +350,14 @@ class FMGAN(SegMethod):
         middle = fake[:, fake.shape[1] // 2]                             # (N, H, W, C)
         panel = np.concatenate([middle[..., c] for c in range(middle.shape[-1])], axis=2)
         return {"generated": np.clip((panel[..., None] - low) / (high - low), 0.0, 1.0)}
+
+
+def build_predictor(config: Config, data_spec: DataSpec) -> keras.Model:
+    """The exported network alone (no generator, no optimizer): the K real classes' softmax."""
+    config = resolve(config, data_spec)
+    segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes,
+                                supervised.network_config(config), name="segmentor")
+    return probability_model(segmentor, data_spec)
 
 
 def build(config: Config, data_spec: DataSpec) -> FMGAN:

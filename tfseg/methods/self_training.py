@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tfseg.losses import segmentation as losses
 from tfseg.methods import supervised
-from tfseg.methods.base import DataSpec, Stage, global_mean
+from tfseg.methods.base import DataSpec, Stage, global_mean, probability_model
 from tfseg.networks import unet
 
 
@@ -189,6 +189,14 @@ class SelfTraining(supervised.Supervised):
             values.update(pseudo_loss=tf.reduce_mean(pseudo_loss),
                           pseudo_kept=tf.reduce_mean(kept))
         return self.track(seg_grad_norm=grad_norm, **values)
+
+
+def build_predictor(config: Config, data_spec: DataSpec) -> keras.Model:
+    """The exported network alone (no teacher, no optimizer)."""
+    config = resolve(config, data_spec)
+    segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes,
+                                supervised.network_config(config), name="segmentor")
+    return probability_model(segmentor, data_spec)
 
 
 def build(config: Config, data_spec: DataSpec) -> SelfTraining:

@@ -14,6 +14,10 @@ Paper defaults, chosen by the data's dimensionality unless a field is set explic
   are those tissues, else the 2D rule); Adam lr 1e-4, β1 0.5; batch 30 patches of 32³.
 
 Losses: "ce", "weighted_ce", "dice" (soft Dice over the foreground classes), "dice_ce".
+Region targets (e.g. BraTS whole tumour / tumour core / enhancing tumour): one sigmoid per region;
+"ce" is then the per-region binary cross-entropy (the default: "weighted_ce" without explicit
+region weights resolves to it, the U-Net comparator of SegAN), "dice" the soft Dice over every
+region, "dice_ce" their sum; `class_weights` weigh the regions.
 Augmentation (`augment`): "none" or a "+"-joined subset of affine, elastic, flip, intensity
 (applied by the input pipeline, same draw for image and label) and mixup (applied here, in the
 train step, with λ ~ Beta(α, α), α = `mixup_alpha` = 0.2 as in the task-driven paper).
@@ -27,7 +31,7 @@ import tensorflow as tf
 
 from tfseg.data import augment as augment_lib
 from tfseg.losses import segmentation as losses
-from tfseg.methods.base import DataSpec, SegMethod, global_mean
+from tfseg.methods.base import DataSpec, SegMethod, global_mean, probability_model
 from tfseg.networks import unet
 
 # Few-shot 3D GAN reference code: class weights for brain tissues (iSEG / MRBrainS class names).
@@ -83,6 +87,9 @@ PRESETS = {
 # 2D: the task-driven paper's affine augmentation; 3D: none (the few-shot GAN paper used none).
 DEFAULT_AUGMENT = {2: "affine", 3: "none"}
 
+# What this method trains for: exclusive classes and overlapping regions (one sigmoid each).
+TARGETS = ("classes", "regions")
+
 _DEFAULTS = {
     2: {"norm": "batch", "activation": "relu", "pooling": "max", "upsampling": "bilinear",
         "learning_rate": 1e-3, "beta_1": 0.9, "batch_size": 20},
@@ -107,7 +114,10 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     """
     paper = unet.PAPER_UNET_2D if data_spec.spatial_dims == 2 else unet.PAPER_UNET_3D
     values = dict(_DEFAULTS[data_spec.spatial_dims], filters=paper.filters)
-    if config.loss == "weighted_ce":  # dice_ce keeps an unweighted CE unless weights are set
+    regions = data_spec.targets == "regions"
+    if regions and config.loss == "weighted_ce" and config.class_weights is None:
+        config = dataclasses.replace(config, loss="ce")  # per-region BCE: no class balance rule
+    elif config.loss == "weighted_ce":  # dice_ce keeps an unweighted CE unless weights are set
         values["class_weights"] = default_class_weights(data_spec)
     changes = {k: v for k, v in values.items() if getattr(config, k, None) is None}
     if (config.augment or "").strip().lower() == "default":
@@ -116,9 +126,11 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     if config.loss not in losses.LOSS_NAMES:
         raise ValueError(f"supervised: loss={config.loss!r}; choose one of "
                          f"{list(losses.LOSS_NAMES)}.")
-    if config.class_weights is not None and len(config.class_weights) != data_spec.num_classes:
+    outputs = data_spec.region_names or data_spec.class_names
+    if config.class_weights is not None and len(config.class_weights) != len(outputs):
+        kind = "region" if regions else "class"
         raise ValueError(f"supervised: class_weights={config.class_weights} needs one weight per "
-                         f"class ({data_spec.num_classes}: {', '.join(data_spec.class_names)}).")
+                         f"{kind} ({len(outputs)}: {', '.join(outputs)}).")
     pipeline_augment(config, data_spec.spatial_dims)  # checks the spec
     if config.batch_size < 1 or config.steps < 1 or config.validation_every < 1:
         raise ValueError("supervised: batch_size, steps and validation_every must be >= 1, got "
@@ -150,8 +162,7 @@ class Supervised(SegMethod):
     def __init__(self, config: Config, data_spec: DataSpec, **kwargs):
         config = resolve(config, data_spec)
         network = network_config(config)
-        segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes, network,
-                                    name="segmentor")
+        segmentor = build_segmentor(config, data_spec)
         terms = ("dice_loss", "ce_loss") if config.loss == "dice_ce" else ()
         super().__init__(config, data_spec, segmentor, labeled_batch_size=config.batch_size,
                          pipeline_augment=pipeline_augment(config, data_spec.spatial_dims),
@@ -167,22 +178,24 @@ class Supervised(SegMethod):
 
     def loss_terms(self, targets, logits) -> dict[str, tf.Tensor]:
         """Per-example loss terms (B,); "loss" is their total."""
-        weights = self.config.class_weights
+        weights, activation = self.config.class_weights, self.activation
         if self.config.loss == "dice_ce":
-            dice = losses.soft_dice_loss(targets, logits)
-            ce = losses.cross_entropy(targets, logits, class_weights=weights)
+            dice = losses.soft_dice_loss(targets, logits, activation=activation)
+            ce = losses.cross_entropy(targets, logits, class_weights=weights,
+                                      activation=activation)
             return {"loss": dice + ce, "dice_loss": dice, "ce_loss": ce}
         if self.config.loss == "dice":
-            return {"loss": losses.soft_dice_loss(targets, logits)}
+            return {"loss": losses.soft_dice_loss(targets, logits, activation=activation)}
         if self.config.loss == "ce":
-            return {"loss": losses.cross_entropy(targets, logits)}
-        return {"loss": losses.cross_entropy(targets, logits, class_weights=weights)}
+            return {"loss": losses.cross_entropy(targets, logits, activation=activation)}
+        return {"loss": losses.cross_entropy(targets, logits, class_weights=weights,
+                                             activation=activation)}
 
     def labeled_batch(self, data):
-        """Images (B, *S, C) and one-hot targets (B, *S, K) of the labeled batch, mixed up when
-        the augmentation asks for it (mixup needs the one-hot targets, so it is done here)."""
+        """Images (B, *S, C) and targets (B, *S, K|R) of the labeled batch, mixed up when the
+        augmentation asks for it (mixup needs the one-hot targets, so it is done here)."""
         images = data["labeled"]["image"]
-        targets = self.one_hot(data["labeled"]["label"])
+        targets = self.targets(data["labeled"]["label"])
         if self.use_mixup:
             images, targets = augment_lib.mixup(images, targets, self.config.mixup_alpha,
                                                 self.next_seed())
@@ -201,6 +214,18 @@ class Supervised(SegMethod):
         # 4. trackers
         return self.track(seg_grad_norm=grad_norm,
                           **{name: tf.reduce_mean(value) for name, value in terms.items()})
+
+
+def build_segmentor(config: Config, data_spec: DataSpec) -> keras.Model:
+    """The U-Net of a (resolved or not) config: data_spec.num_outputs logits."""
+    config = resolve(config, data_spec)
+    return unet.build_unet(data_spec.input_shape, data_spec.num_outputs, network_config(config),
+                           name="segmentor")
+
+
+def build_predictor(config: Config, data_spec: DataSpec) -> keras.Model:
+    """The exported network alone (no optimizer, no other network): the U-Net's probabilities."""
+    return probability_model(build_segmentor(config, data_spec), data_spec)
 
 
 def build(config: Config, data_spec: DataSpec) -> Supervised:

@@ -16,7 +16,8 @@ Generated pairs: deformation — x_G = warp(x, v) (bilinear) and y_G = warp(oneh
 
 Generator objective (per generator): L_G = L_seg(S(x_G), y_G) + λ_adv·L_adv(D(x_G)) − λ_LD·mean|v|
 (or mean|ΔI|), λ_adv = 1, λ_LD = 1e-3; the minus sign rewards large transformations, bounded by
-the adversary. L_adv is the non-saturating GAN loss −log D(x_G). The segmentation term is computed
+the adversary. L_adv is the non-saturating GAN loss −log D(x_G) (`losses.gan`, with the
+discriminators' −log D(x) and −log(1 − D(x_G))). The segmentation term is computed
 on the same graph as the generator, so **its gradient flows through S, the warp and into G** —
 the "task-driven" part (tests/test_task_aug.py checks that the generator's gradient changes when
 `joint` switches the term on). **Reference code's mistake:** the released code fed the generated
@@ -65,8 +66,9 @@ import tensorflow as tf
 
 from tfseg.data import augment as augment_lib
 from tfseg.layers.warp import warp
+from tfseg.losses import gan as gan_losses
 from tfseg.losses import segmentation as losses
-from tfseg.methods.base import DataSpec, SegMethod, Stage, global_mean
+from tfseg.methods.base import DataSpec, SegMethod, Stage, global_mean, probability_model
 from tfseg.networks import task_aug_nets, unet
 
 USES = ("deformation", "intensity", "both")
@@ -344,18 +346,17 @@ class TaskAug(SegMethod):
         # variables and gen_loss only w.r.t. G's.
         fake_logit = disc(generated, training=training)                       # (B, 1)
         real_logit = disc(unlabeled, training=training)                       # (B', 1)
-        xent = tf.nn.sigmoid_cross_entropy_with_logits
-        gen_adv = global_mean(xent(tf.ones_like(fake_logit), fake_logit)[:, 0])  # −log D(x_G)
-        disc_loss = (global_mean(xent(tf.ones_like(real_logit), real_logit)[:, 0])
-                     + global_mean(xent(tf.zeros_like(fake_logit), fake_logit)[:, 0]))
+        gen_adv = global_mean(gan_losses.generator_adversarial_loss(fake_logit))  # −log D(x_G)
+        disc_loss = (global_mean(gan_losses.discriminator_real_loss(real_logit))
+                     + global_mean(gan_losses.discriminator_fake_loss(fake_logit)))
         large_dev = global_mean(tf.reduce_mean(tf.abs(field), axis=[1, 2, 3]))
         gen_loss = c.adversarial_weight * gen_adv - c.large_deviation_weight * large_dev
         if c.joint:
             gen_loss = gen_loss + gen_seg
         terms = {"gen_seg": gen_seg, "gen_adv": gen_adv, "gen_large_dev": large_dev,
                  "gen_loss": gen_loss, "seg_loss_gen": gen_seg, "disc_loss": disc_loss,
-                 "d_real_prob": tf.reduce_mean(tf.sigmoid(real_logit)),
-                 "d_fake_prob": tf.reduce_mean(tf.sigmoid(fake_logit)),
+                 "d_real_prob": tf.reduce_mean(gan_losses.discriminator_probability(real_logit)),
+                 "d_fake_prob": tf.reduce_mean(gan_losses.discriminator_probability(fake_logit)),
                  "field": field, "generated": generated}
         terms["mean_abs_flow" if kind == "deformation" else "mean_abs_delta_i"] = \
             tf.reduce_mean(tf.abs(field))
@@ -505,6 +506,14 @@ class TaskAug(SegMethod):
 
 def _replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def build_predictor(config: Config, data_spec: DataSpec) -> keras.Model:
+    """The exported network alone (no generator, discriminator or optimizer)."""
+    config = resolve(config, data_spec)
+    segmentor = unet.build_unet(data_spec.input_shape, data_spec.num_classes,
+                                unet.UNetConfig(filters=tuple(config.filters)), name="segmentor")
+    return probability_model(segmentor, data_spec)
 
 
 def build(config: Config, data_spec: DataSpec) -> TaskAug:

@@ -135,6 +135,24 @@ def surface_distances(pred_mask, truth_mask, spacing_zyx) -> tuple[np.ndarray, n
     return pred_to_truth.astype(np.float64), truth_to_pred.astype(np.float64)
 
 
+def dice(pred_mask, truth_mask) -> float:
+    """Voxel Dice 2|P∩T| / (|P| + |T|) of two boolean masks; 1 when both are empty (the
+    empty-mask policy). The one Dice of tfseg: validation and evaluation both use it."""
+    pred_mask = np.asarray(pred_mask, bool)
+    truth_mask = np.asarray(truth_mask, bool)
+    total = int(pred_mask.sum()) + int(truth_mask.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred_mask, truth_mask).sum()) / total
+
+
+def dice_scores(pred_masks, truth_masks) -> np.ndarray:
+    """`dice` per channel of (..., N) boolean masks: (N,) float64."""
+    pred_masks, truth_masks = np.asarray(pred_masks), np.asarray(truth_masks)
+    if pred_masks.shape != truth_masks.shape:
+        raise ValueError(f"dice_scores: masks {pred_masks.shape} and {truth_masks.shape} differ.")
+    return np.array([dice(pred_masks[..., n], truth_masks[..., n])
+                     for n in range(pred_masks.shape[-1])], np.float64)
+
+
 def binary_metrics(pred_mask, truth_mask, spacing_zyx) -> dict[str, float]:
     """All of `METRIC_NAMES` for one pair of binary masks, with the empty-mask policy.
 
@@ -161,7 +179,7 @@ def binary_metrics(pred_mask, truth_mask, spacing_zyx) -> dict[str, float]:
     pred_to_truth, truth_to_pred = surface_distances(pred_mask, truth_mask, spacing_zyx)
     pooled = np.concatenate([pred_to_truth, truth_to_pred])
     return {
-        "dice": 2.0 * overlap / (pred_count + truth_count),
+        "dice": dice(pred_mask, truth_mask),
         "iou": overlap / (pred_count + truth_count - overlap),
         "precision": overlap / pred_count,
         "recall": overlap / truth_count,
