@@ -108,8 +108,8 @@ def main(argv) -> int:
         _common.fail(PROGRAM, str(error), exit_code=1)
     result = benchmark.rounded(result)
     if FLAGS.output:
-        from tfseg.callbacks import write_json_atomic
-        write_json_atomic(FLAGS.output, result)
+        from tfseg._files import write_json_atomic
+        write_json_atomic(FLAGS.output, result, sort_keys=True, default=str)
     print(json.dumps(result, sort_keys=True))
     return 0
 

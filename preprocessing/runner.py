@@ -309,7 +309,7 @@ def run_preprocessing(dataset: Dataset, data_dir: str | None, out_dir: str,
 
     def save() -> None:
         manifest["subjects"] = dict(sorted(manifest["subjects"].items()))
-        writer.write_json_atomic(manifest_path, manifest)
+        writer.write_manifest(manifest_path, manifest)
 
     save()
     logging.info("Preprocessing %d subjects of %s into %s (%d already done, %d to do, %d "

@@ -1,9 +1,9 @@
 """Records-folder writing: one TFRecord shard per subject and the manifest, both atomic.
 
 A shard is written under a hidden temporary name in the output folder (`.<id>.tfrecord.tmp-…`,
-never matched by `*.tfrecord`), flushed to disk, hashed, and renamed into place; a killed run
-leaves at most a temporary file, which the next run removes. The manifest is rewritten the same
-way after every finished subject.
+never matched by `*.tfrecord`), hashed, flushed to disk and renamed into place
+(`tfseg._files.atomic_path`); a killed run leaves at most a temporary file, which the next run
+removes. The manifest is rewritten the same way after every finished subject (`write_manifest`).
 
 Runs split over machines (`num_shards > 1`) each write `manifest-<k>-of-<n>.json` listing only
 their own subjects, so several machines can share one output folder without overwriting each
@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from typing import Any, Iterable
+
+from tfseg._files import atomic_path, temporary_prefix, write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".tfrecord"
@@ -33,26 +34,12 @@ def manifest_name(num_shards: int = 1, shard_index: int = 0) -> str:
     return f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
 
 
-def _temporary_prefix(final_name: str) -> str:
-    return f".{final_name}.tmp-"
-
-
-def _temporary_path(final_path: str) -> str:
-    folder, name = os.path.split(final_path)
-    return os.path.join(folder, f"{_temporary_prefix(name)}{socket.gethostname()}-{os.getpid()}")
-
-
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as stream:
-        os.fsync(stream.fileno())
 
 
 def write_shard(out_dir: str, subject_id: str, examples: Iterable[bytes]) -> dict[str, Any]:
@@ -63,22 +50,14 @@ def write_shard(out_dir: str, subject_id: str, examples: Iterable[bytes]) -> dic
     """
     import tensorflow as tf  # lazy: only the processes that write shards pay for TF
 
-    final = os.path.join(out_dir, shard_name(subject_id))
-    temporary = _temporary_path(final)
     count = 0
-    try:
+    with atomic_path(os.path.join(out_dir, shard_name(subject_id))) as temporary:
         with tf.io.TFRecordWriter(temporary) as writer:
             for example in examples:
                 writer.write(example)
                 count += 1
-        _fsync(temporary)
         digest = sha256_file(temporary)
         size = os.path.getsize(temporary)
-        os.replace(temporary, final)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return {"shard": shard_name(subject_id), "sha256": digest, "size_bytes": size,
             "num_examples": count}
 
@@ -94,7 +73,7 @@ def remove_stale_temporaries(out_dir: str, final_names: Iterable[str]) -> list[s
     """
     if not os.path.isdir(out_dir):
         return []
-    prefixes = tuple(_temporary_prefix(name) for name in final_names)
+    prefixes = tuple(temporary_prefix(name) for name in final_names)
     removed = []
     for name in sorted(os.listdir(out_dir)):
         if prefixes and name.startswith(prefixes):
@@ -111,20 +90,9 @@ def shard_is_intact(out_dir: str, entry: dict[str, Any]) -> bool:
             and sha256_file(path) == entry.get("sha256"))
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    """Writes JSON to a temporary file beside `path`, flushes it, then renames it into place."""
-    temporary = _temporary_path(path)
-    try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+def write_manifest(path: str, data: dict[str, Any]) -> None:
+    """Writes a manifest (or manifest part) atomically, as JSON indented by one space."""
+    write_json_atomic(path, data, indent=1)
 
 
 def read_manifest(path: str) -> dict[str, Any] | None:
@@ -194,5 +162,5 @@ def merge_manifests(out_dir: str, num_shards: int, require_all: bool = True) -> 
                   complete=True, num_subjects=len(subjects) + len(skipped),
                   merged_from=[manifest_name(num_shards, k) for k in range(num_shards)])
     path = os.path.join(out_dir, MANIFEST_NAME)
-    write_json_atomic(path, merged)
+    write_manifest(path, merged)
     return path

@@ -101,3 +101,51 @@ def test_gaussian_nll_golden_value():
     assert float(gan.gaussian_nll(z, mu, log_sigma)[0]) == pytest.approx(expected, rel=1e-6)
     # Per example, summed over the latent axis.
     assert gan.gaussian_nll(tf.zeros((3, 5)), tf.zeros((3, 5)), tf.zeros((3, 5))).shape == (3,)
+
+
+# --------------------------------------------------------------------------- binary discriminator
+def test_binary_discriminator_terms_at_logit_zero_are_log_2():
+    logits = tf.zeros((3, 1))                          # D(x) = 1/2
+    for loss in (gan.discriminator_real_loss, gan.discriminator_fake_loss,
+                 gan.generator_adversarial_loss):
+        np.testing.assert_allclose(loss(logits).numpy(), [math.log(2)] * 3, rtol=1e-6)
+    np.testing.assert_allclose(gan.discriminator_probability(logits).numpy(), [0.5] * 3)
+
+
+def test_binary_discriminator_terms_golden_values():
+    logits = tf.constant([[2.0], [-1.0]])              # (B, 1): one logit per example
+    real = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(1))]    # −log sigmoid(l)
+    fake = [math.log(1 + math.exp(2)), math.log(1 + math.exp(-1))]    # −log(1 − sigmoid(l))
+    np.testing.assert_allclose(gan.discriminator_real_loss(logits).numpy(), real, rtol=1e-6)
+    np.testing.assert_allclose(gan.discriminator_fake_loss(logits).numpy(), fake, rtol=1e-6)
+    # Non-saturating: the generator wants its fakes called real.
+    np.testing.assert_allclose(gan.generator_adversarial_loss(logits).numpy(), real, rtol=1e-6)
+    np.testing.assert_allclose(gan.discriminator_probability(logits).numpy(),
+                               [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(1))], rtol=1e-6)
+    # Soft targets: y = 1/4 mixes the two terms.
+    np.testing.assert_allclose(gan.sigmoid_cross_entropy(0.25, logits).numpy(),
+                               [0.25 * r + 0.75 * f for r, f in zip(real, fake)], rtol=1e-6)
+
+
+def test_binary_discriminator_terms_average_patch_logits_per_example():
+    logits = tf.constant([[[0.0, 2.0], [-1.0, 0.0]]])  # (1, 2, 2): a patch discriminator
+    expected = (2 * math.log(2) + math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 4
+    assert gan.discriminator_real_loss(logits).shape == (1,)
+    assert float(gan.discriminator_real_loss(logits)[0]) == pytest.approx(expected, rel=1e-6)
+    assert gan.discriminator_real_loss(tf.zeros((4,))).shape == (4,)   # (B,) logits as they are
+
+
+@pytest.mark.parametrize("value", [1000.0, -1000.0])
+def test_binary_discriminator_terms_large_logits_stay_finite(value):
+    logits = tf.Variable([[value]])
+    with tf.GradientTape(persistent=True) as tape:
+        real = gan.discriminator_real_loss(logits)[0]
+        fake = gan.discriminator_fake_loss(logits)[0]
+    # softplus(−l) and softplus(l): 0 on the right side, |l| on the wrong one (no inf, no NaN).
+    assert float(real) == pytest.approx(0.0 if value > 0 else 1000.0, abs=1e-6)
+    assert float(fake) == pytest.approx(1000.0 if value > 0 else 0.0, abs=1e-6)
+    # d real / d l = sigmoid(l) − 1, d fake / d l = sigmoid(l).
+    sigmoid = 1.0 if value > 0 else 0.0
+    assert float(tape.gradient(real, logits)[0, 0]) == pytest.approx(sigmoid - 1.0, abs=1e-6)
+    assert float(tape.gradient(fake, logits)[0, 0]) == pytest.approx(sigmoid, abs=1e-6)
+    assert float(gan.discriminator_probability(logits)[0]) == pytest.approx(sigmoid, abs=1e-6)

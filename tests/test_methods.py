@@ -6,6 +6,7 @@ to tfseg/methods is built with its quick preset and trained for two steps here a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from typing import Optional
@@ -175,6 +176,65 @@ def test_every_method_fits(name, spatial_dims):
             changed = [not np.array_equal(b, w.numpy())
                        for b, w in zip(before[net.name], net.trainable_weights)]
             assert any(changed), f"{opt_name} did not change {net.name}"
+
+
+def _recording_apply(name, original, owned, paths, calls):
+    """Replaces an optimizer's `apply` (which `apply_gradients` calls): records the call and fails
+    on the spot, naming the variables, when it is given a variable outside its own networks."""
+
+    def apply(grads, trainable_variables=None):
+        calls.add(name)
+        if trainable_variables is not None:  # None: the variables it was built on, its own
+            trainable_variables = list(trainable_variables)
+            foreign = sorted(paths.get(id(v), v.path) for v in trainable_variables
+                             if id(v) not in owned)
+            assert not foreign, (f"{name} received gradients for {len(foreign)} variables of "
+                                 f"other networks: {foreign[:4]}")
+        return original(grads, trainable_variables)
+
+    return apply
+
+
+@pytest.mark.parametrize("name, spatial_dims", list(_method_cases()))
+def test_every_optimizer_changes_only_its_own_networks(name, spatial_dims, monkeypatch):
+    """For every stage, after one train step on tiny data: (a) the networks of different
+    optimizers share no trainable variable; (b) every trainable variable that changed belongs to
+    an optimizer that applied gradients in this step; (c) each optimizer received gradients only
+    for its own networks' variables."""
+    module = get_method_module(name)
+    spec = _spec(spatial_dims, num_channels=2 if spatial_dims == 3 else 1,
+                 size=max(16, getattr(module, "MIN_EXAMPLE_SIZE", 16)))
+    method = module.build(resolve_config(module, "quick"), spec)
+    method.compile()
+    owned = {opt: {id(v) for net in networks for v in net.trainable_variables}
+             for opt, networks in method.optimizer_networks.items()}
+    variables = method.trainable_variables
+    paths = {id(v): v.path for v in variables}            # named after their network if known
+    paths.update({id(v): f"{net.name}/{v.path}" for networks in method.optimizer_networks.values()
+                  for net in networks for v in net.trainable_variables})
+    # (a) no variable is stepped by two optimizers
+    for (first, mine), (second, theirs) in itertools.combinations(owned.items(), 2):
+        shared = sorted(paths[i] for i in mine & theirs)
+        assert not shared, f"{first} and {second} both update {len(shared)}: {shared[:4]}"
+    # (c) checked inside every apply call
+    calls: set[str] = set()
+    for opt, optimizer in method.optimizers().items():
+        monkeypatch.setattr(optimizer, "apply",
+                            _recording_apply(opt, optimizer.apply, owned[opt], paths, calls))
+    data = next(iter(_fake_batches(spec, method.labeled_batch_size,
+                                   method.unlabeled_batch_size)))
+    for stage in method.stages():
+        method.begin_stage(stage)
+        calls.clear()
+        before = [v.numpy().copy() for v in variables]
+        method.train_step(data)  # eager: tracing one step graph per stage is slower here
+        assert calls, f"stage {stage.name}: no optimizer applied gradients"
+        # (b) what changed was stepped by an optimizer of this step
+        allowed = set().union(*(owned[opt] for opt in calls))
+        stray = [paths[id(v)] for v, old in zip(variables, before)
+                 if id(v) not in allowed and not np.array_equal(old, v.numpy())]
+        assert not stray, (f"stage {stage.name}: {stray} changed, but only {sorted(calls)} "
+                           "applied gradients")
 
 
 # --------------------------------------------------------------------------- supervised

@@ -408,12 +408,12 @@ def test_remove_stale_temporaries_touches_only_given_subjects(tmp_path):
 def test_merge_manifests_needs_every_finished_part(tmp_path):
     part = {"fingerprint": "abc", "complete": True, "subjects": {"a": {"x": 1}},
             "skipped": {}, "shard_index": 0}
-    writer.write_json_atomic(str(tmp_path / writer.manifest_name(2, 0)), part)
+    writer.write_manifest(str(tmp_path / writer.manifest_name(2, 0)), part)
     assert writer.merge_manifests(str(tmp_path), 2, require_all=False) is None
     with pytest.raises(ValueError, match="manifest-00001-of-00002.json is missing"):
         writer.merge_manifests(str(tmp_path), 2)
-    writer.write_json_atomic(str(tmp_path / writer.manifest_name(2, 1)),
-                             {**part, "subjects": {"b": {}}, "skipped": {"c": "bad"}})
+    writer.write_manifest(str(tmp_path / writer.manifest_name(2, 1)),
+                          {**part, "subjects": {"b": {}}, "skipped": {"c": "bad"}})
     merged = json.loads(open(writer.merge_manifests(str(tmp_path), 2)).read())
     assert list(merged["subjects"]) == ["a", "b"] and merged["skipped"] == {"c": "bad"}
     assert "shard_index" not in merged and merged["complete"]

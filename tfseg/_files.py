@@ -1,34 +1,89 @@
-"""Atomic text writes shared by modules that must not import Keras (splits, evaluation)."""
+"""Atomic file writes: the one implementation every module uses.
+
+A file is written under a hidden temporary name in its own folder,
+`.<name>.tmp-<host>-<pid>-<random>[suffix]`, flushed to disk and renamed into place with
+`os.replace`. A reader never sees a half-written file, and a crash leaves the previous version (or
+none). The temporary is created with mode 0666, so the umask gives it (and, after the rename, the
+file) the usual permissions, not mkstemp's private 0600. A process killed mid-write leaves only
+its temporary, whose name starts with `temporary_prefix(name)` so the folder's owner can remove
+it (`preprocessing.writer.remove_stale_temporaries`).
+
+No TensorFlow or Keras import: splits, evaluation, preprocessing and the launchers use it.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import tempfile
+import socket
+from typing import Any, Callable, Iterator
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def temporary_prefix(name: str) -> str:
+    """How the temporaries of the file named `name` (no folder) start: `.<name>.tmp-`."""
+    return f".{name}.tmp-"
+
+
+def _create_temporary(folder: str, name: str, suffix: str) -> str:
+    stem = f"{temporary_prefix(name)}{socket.gethostname()}-{os.getpid()}-"
+    for _ in range(100):
+        # os.urandom, not the random module: writing a file never moves a seeded generator.
+        temporary = os.path.join(folder, f"{stem}{os.urandom(4).hex()}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+    raise FileExistsError(f"Could not create a temporary file {stem}…{suffix} in {folder}.")
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
+    """Yields a temporary path beside `path`; renames it to `path` when the block ends normally.
+
+    The block writes the whole file to the temporary path (which exists, empty, so the writer
+    overwrites it: opening it for writing keeps its permissions). Then the temporary is flushed
+    to disk and renamed to `path`. If the block raises, the temporary is removed and `path` is
+    left as it was.
+
+    Args:
+      path: the final file; its folder is created if needed.
+      suffix: ending of the temporary name, for writers that check the extension (e.g. Keras's
+        `.weights.h5`).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = _create_temporary(folder, name, suffix)
+    try:
+        yield temporary
+        _fsync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same folder and a rename.
+    """Writes `text` (UTF-8) to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
 
-    A reader never sees a half-written file, and a crash leaves the previous version (or none).
-    The file gets the usual permissions (0666 minus the umask), not mkstemp's private 0600.
+
+def write_json_atomic(path: str, data: Any, *, indent: int | None = 2, sort_keys: bool = False,
+                      default: Callable[[Any], Any] | None = None) -> None:
+    """Writes `json.dumps(data, indent=…, sort_keys=…, default=…)` and a newline atomically.
+
+    The keyword arguments are `json.dumps`'s, so each kind of file keeps its own format.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=default)
+                      + "\n")

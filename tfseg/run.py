@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from tfseg._files import write_text_atomic
+from tfseg._files import write_json_atomic
 
 __all__ = ["CONFIG_NAME", "PREDICTOR_WEIGHTS", "DOMAINS", "RunInfo", "build_predictor",
            "domain_records", "load_run", "read_config", "write_config"]
@@ -107,7 +107,7 @@ def write_config(run_dir: str, config: Mapping[str, Any], resume_keys: tuple[str
             raise ValueError(f"{run_dir} already holds a run with other settings (differs in: "
                              f"{', '.join(differs)}). Use another --run_dir, or delete the folder "
                              "to start over.")
-    write_text_atomic(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, new, indent=2, sort_keys=True)
 
 
 def domain_records(config: Mapping[str, Any], domain: str = "source"

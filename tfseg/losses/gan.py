@@ -28,6 +28,18 @@ The variational entropy term of the bad GAN (Dai et al., "Good Semi-supervised L
 Requires a Bad GAN", NeurIPS 2017): −log q(z | x) for a diagonal Gaussian q with mean μ and
 log-standard-deviation log σ predicted by an encoder from the generated x, summed over the latent
 dimensions: Σ_d [½((z_d − μ_d) / σ_d)² + log σ_d + ½ log 2π].
+
+Binary (sigmoid) discriminator, as in task_aug's D_V and D_I: one logit l per example (or per
+patch), D(x) = sigmoid(l), real images labelled 1 and generated ones 0. Per example (the mean over
+the logits of each example, which is the logit itself for a (B, 1) output):
+
+- discriminator loss on real images      −log D(x)         = softplus(−l)
+- discriminator loss on generated images −log(1 − D(G(z))) = softplus(l)
+- non-saturating generator loss          −log D(G(z))      = softplus(−l)
+  (the real-image loss applied to generated images; Goodfellow et al. 2014)
+
+computed by `tf.nn.sigmoid_cross_entropy_with_logits` (max(l, 0) − l·y + log(1 + e^−|l|)), so a
+logit of ±1000 gives a finite loss and gradient.
 """
 from __future__ import annotations
 
@@ -79,6 +91,43 @@ def fake_loss(logits) -> tf.Tensor:
 def generator_nonsaturating_loss(fake_logits) -> tf.Tensor:
     """−log p(real | G(z)) on generated patches, mean over voxels: (B,) (`gan_loss=standard`)."""
     return unlabeled_loss(fake_logits)
+
+
+def sigmoid_cross_entropy(y_true, logits) -> tf.Tensor:
+    """Binary cross-entropy of a sigmoid discriminator, mean over all but the batch axis.
+
+    Args:
+      y_true: target probabilities of "real" (1 real, 0 generated), broadcastable to `logits`.
+      logits: (B, ...) discriminator logits (typically (B, 1)).
+
+    Returns:
+      (B,) float32: −y log sigmoid(l) − (1 − y) log(1 − sigmoid(l)), averaged per example.
+    """
+    logits = tf.cast(logits, tf.float32)
+    y_true = tf.cast(tf.broadcast_to(y_true, tf.shape(logits)), tf.float32)
+    loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true, logits=logits)
+    return tf.reduce_mean(loss, axis=_spatial_axes(loss))
+
+
+def discriminator_real_loss(real_logits) -> tf.Tensor:
+    """−log D(x) on real images: (B, ...) logits -> (B,)."""
+    return sigmoid_cross_entropy(tf.ones_like(real_logits), real_logits)
+
+
+def discriminator_fake_loss(fake_logits) -> tf.Tensor:
+    """−log(1 − D(G(z))) on generated images: (B, ...) logits -> (B,)."""
+    return sigmoid_cross_entropy(tf.zeros_like(fake_logits), fake_logits)
+
+
+def generator_adversarial_loss(fake_logits) -> tf.Tensor:
+    """Non-saturating generator loss −log D(G(z)): (B, ...) logits of generated images -> (B,)."""
+    return discriminator_real_loss(fake_logits)
+
+
+def discriminator_probability(logits) -> tf.Tensor:
+    """D(x) = sigmoid(l), the discriminator's probability of "real": (B, ...) -> (B,)."""
+    probability = tf.sigmoid(tf.cast(logits, tf.float32))
+    return tf.reduce_mean(probability, axis=_spatial_axes(probability))
 
 
 def feature_matching(real_features, fake_features, norm: str = "squared_l2") -> tf.Tensor:
