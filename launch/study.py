@@ -10,9 +10,11 @@ run, then the tables, paired Wilcoxon tests and plots (study.md, study.json, plo
         --set=supervised:augment=affine --set=RDRI:augment=affine+elastic+intensity \
         --set=independent:joint=false --compare=task_aug:RDRI,task_aug:independent
 
-Repeat k draws the labeled subjects with split seed --seed+k and trains with the same seed, for
-every method (paired comparisons). Re-running the same command skips finished runs and resumes the
-unfinished one; --aggregate_only rewrites the reports from the finished runs.
+The study first finds the dataset's records (preprocessing them on first use, into the folder
+launch.train would use), then plans every repeat: repeat k draws its labeled subjects with one
+split seed (see --draws) and trains every method on them with the same seed (paired comparisons).
+Re-running the same command skips finished runs and resumes the unfinished one; --aggregate_only
+rewrites the reports from the finished runs (without preprocessing).
 """
 from __future__ import annotations
 

@@ -80,6 +80,15 @@ def _manifest(records_dir):
         return json.load(f)
 
 
+def _records(folder, calls=None):
+    """Stands in for `study.resolve_records` (the launch.preprocess child): returns `folder`."""
+    def records(config, log_path):
+        if calls is not None:
+            calls.append(log_path)
+        return str(folder)
+    return records
+
+
 # --------------------------------------------------------------------------- overrides and plan
 def test_split_overrides_global_and_per_method():
     fields = {"supervised": ["filters", "augment", "steps"],
@@ -407,7 +416,7 @@ def test_distinct_draws_run_on_the_chosen_seeds_and_refuse_independent_folders(t
     config = _config(tmp_path, methods=("supervised",), labeled=(1,), repeats=3, seed=base)
     calls, lines = [], []
     result = study.run_study(config, runner=_fake_runner(config, calls, records_dir=records),
-                             progress=lines.append)
+                             progress=lines.append, records=_records(records))
     expected = study.repeat_seeds(config, pools)
     assert expected[2] != base + 2
     assert [r["split_seed"] for r in result["runs"]] == expected
@@ -422,7 +431,7 @@ def test_distinct_draws_run_on_the_chosen_seeds_and_refuse_independent_folders(t
     independent = dataclasses.replace(config, draws="independent",
                                       out_dir=str(tmp_path / "independent"))
     result = study.run_study(independent, runner=_fake_runner(independent, [], records_dir=records),
-                             progress=lines.append)
+                             progress=lines.append, records=_records(records))
     assert [r["split_seed"] for r in result["runs"]] == [base, base + 1, base + 2]
     assert result["labeled_draws"]["duplicates"][0]["repeats"] == [1, 2]
     # ... and its folders are not mistaken for the distinct study's.
@@ -430,26 +439,70 @@ def test_distinct_draws_run_on_the_chosen_seeds_and_refuse_independent_folders(t
     with pytest.raises(ValueError, match=r"r2 holds a run made with other settings \(differs "
                                          r"in: split_seed, seed\)"):
         study.run_study(moved, runner=_fake_runner(moved, [], records_dir=records),
-                        progress=lines.append)
+                        progress=lines.append, records=_records(records))
 
 
-def test_distinct_draws_need_the_records_of_a_finished_run(tmp_path):
-    config = _config(tmp_path, methods=("supervised",), labeled=(1,), repeats=2)
+def test_distinct_draws_are_planned_from_the_records_before_any_run(tmp_path):
+    """The study finds its records first, so every repeat's distinct draw is known before the
+    first run starts, even on a fresh records_root and with runs that name no records folder
+    (reading the pools back from a finished run's config.json chose them one run too late)."""
+    records = write_records(tmp_path / "records")
+    pools = splits.patient_pools(_manifest(records))
+    base = _colliding_seed(pools)
+    config = _config(tmp_path, methods=("supervised", "self_training"), labeled=(1, 2),
+                     repeats=3, seed=base, records_root=str(tmp_path / "fresh"))
+    found, calls = [], []
 
     def runner(argv, log_path):  # finishes runs but writes no config.json
+        assert found, "the records were not resolved before the first run"
+        calls.append(argv)
         run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--run_dir="))
+        seed = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--split_seed=")))
         spec = next(s for s in study.plan_runs(config, {}) if os.path.abspath(s.run_dir) == run_dir)
-        fabricate_run(config, spec, {"s0": [0.5, 0.6, 0.7]})
+        fabricate_run(config, dataclasses.replace(spec, seed=seed), {"s0": [0.5, 0.6, 0.7]})
         return 0
 
-    with pytest.raises(ValueError, match="Cannot choose distinct labeled draws for repeat 1.*"
-                                         "--draws=independent"):
-        study.run_study(config, runner=runner, progress=lambda line: None)
-    result = study.run_study(dataclasses.replace(config, draws="independent"), runner=runner,
-                             progress=lambda line: None)
-    assert result["num_complete"] == 2
+    result = study.run_study(config, runner=runner, progress=lambda line: None,
+                             records=_records(records, found))
+    assert found == [os.path.join(config.out_dir, study.PREPROCESS_LOG_NAME)]  # once, first
+    expected = study.repeat_seeds(config, pools)
+    assert None not in expected and expected[2] != base + 2
+    seeds = [int(next(a.split("=", 1)[1] for a in argv if a.startswith("--split_seed=")))
+             for argv in calls]
+    assert seeds == [expected[s.repeat] for s in study.plan_runs(config, {})]
+    for n in config.labeled:  # distinct labeled subjects in every repeat, at every budget
+        assert len({splits.draw_split(*pools, n, seed).labeled for seed in expected}) == 3
+    assert all(f"--records_dir={os.path.abspath(records)}" in argv for argv in calls)
+    assert [r["split_seed"] for r in result["runs"]] == [expected[r["repeat"]]
+                                                         for r in result["runs"]]
+    assert result["num_complete"] == 12
     with pytest.raises(ValueError, match="--draws=sometimes: choose one of distinct, independent"):
         _config(tmp_path, draws="sometimes")
+
+
+def test_records_are_resolved_by_a_preprocess_child_with_the_train_settings(tmp_path):
+    config = _config(tmp_path, dataset="acdc", data_dir=str(tmp_path / "empty"), n4=False,
+                     dataset_options={"phase": "ED"}, records_root=str(tmp_path / "records"),
+                     preprocess_workers=2)
+    argv = study.preprocess_argv(config)
+    assert argv[:3] == [sys.executable, "-m", "launch.preprocess"]
+    assert sorted(argv[3:]) == sorted([
+        "--dataset=acdc", f"--records_root={tmp_path / 'records'}", "--workers=2", "--non4",
+        f"--data_dir={tmp_path / 'empty'}", "--phase=ED"])
+    spec = study.plan_runs(config, {})[0]  # launch.train gets the same settings
+    for flag in ("--dataset=acdc", f"--records_root={tmp_path / 'records'}", "--non4",
+                 "--preprocess_workers=2", f"--data_dir={tmp_path / 'empty'}", "--phase=ED"):
+        assert flag in spec.train_argv(config), flag
+    # A failing preprocessing (here: an empty data folder) stops the study with its error.
+    os.makedirs(tmp_path / "empty")
+    log = str(tmp_path / "study" / study.PREPROCESS_LOG_NAME)
+    with pytest.raises(ValueError, match=r"Preprocessing acdc for the study failed \(exit code "
+                                         r"2\): .*empty does not look like the acdc dataset.*; "
+                                         r"see .*study_preprocess\.log"):
+        study.resolve_records(config, log)
+    with open(log, encoding="utf-8") as f:
+        first_line = f.readline()
+    assert first_line.startswith("# ") and "-m launch.preprocess --dataset=acdc" in first_line
 
 
 # --------------------------------------------------------------------------- running and resume
@@ -485,36 +538,44 @@ def test_interrupted_study_resumes_skipping_finished_runs(tmp_path):
     with open(os.path.join(specs[1].run_dir, study.REQUEST_NAME), "w", encoding="utf-8") as f:
         json.dump({"request": specs[1].request(config), "seconds": 5.0}, f)
     calls, lines = [], []
-    result = study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append)
+    records = _records(write_records(tmp_path / "records"))
+    result = study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append,
+                             records=records)
     assert calls == [os.path.abspath(specs[1].run_dir), os.path.abspath(specs[3].run_dir)]
-    assert "2 already finished, 2 to run" in lines[0]
+    assert lines[0].startswith(f"Study {config.out_dir}: finding the records of "
+                               "synthetic_cardiac (preprocessed on first use; log: ")
+    assert "2 already finished, 2 to run; records: " in lines[1]
     assert re.match(r"\[1/2\] self_training l1 r0: test mean Dice 0\.6000 in \d+ s; elapsed "
-                    r"\d:\d\d:\d\d, ETA \d:\d\d:\d\d$", lines[1])
-    assert lines[2].startswith("[2/2] self_training l1 r1") and lines[2].endswith("ETA 0:00:00")
+                    r"\d:\d\d:\d\d, ETA \d:\d\d:\d\d$", lines[2])
+    assert lines[3].startswith("[2/2] self_training l1 r1") and lines[3].endswith("ETA 0:00:00")
     assert result["num_complete"] == 4
     with open(os.path.join(specs[1].run_dir, study.REQUEST_NAME), encoding="utf-8") as f:
         assert json.load(f)["seconds"] >= 5.0  # time of the interrupted attempt kept
     calls.clear()
-    study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append)
+    study.run_study(config, runner=_fake_runner(config, calls), progress=lines.append,
+                    records=records)
     assert calls == []  # everything finished: nothing re-run
 
 
 def test_changed_settings_and_failed_runs_are_reported(tmp_path):
     config = _config(tmp_path, labeled=(1,), repeats=1)
-    calls = []
+    calls, found = [], []
+    records = _records(write_records(tmp_path / "records"), found)
     message = (r"Run self_training l1 r0 failed \(exit code 1\): error: the split is too "
                r"small\.; see .*self_training/l1/r0/study_train.log")
     with pytest.raises(ValueError, match=message):
         study.run_study(config, runner=_fake_runner(config, calls,
                                                     fail_on=("self_training", 1, 0)),
-                        progress=lambda line: None)
+                        progress=lambda line: None, records=records)
     assert len(calls) == 2
     changed = _config(tmp_path, labeled=(1,), repeats=1, overrides=("filters=4,8",))
     calls.clear()
+    found.clear()
     with pytest.raises(ValueError, match=r"runs/supervised/l1/r0 holds a run made with other "
                                          r"settings \(differs in: overrides\)"):
-        study.run_study(changed, runner=_fake_runner(changed, calls), progress=lambda l: None)
-    assert calls == []  # refused before anything ran
+        study.run_study(changed, runner=_fake_runner(changed, calls), progress=lambda l: None,
+                        records=records)
+    assert calls == [] and found == []  # refused before anything ran, even preprocessing
 
 
 def test_subprocess_runner_logs_and_returns_the_exit_code(tmp_path):
@@ -615,6 +676,19 @@ def test_synthetic_study_killed_then_resumed(tmp_path, capsys):
         result = json.load(f)
     assert result["num_complete"] == 4 and result["classes"] == ["rv", "myocardium", "lv",
                                                                    "mean"]
+    # The study preprocessed once, into the folder launch.train itself would choose (same
+    # fingerprint), and every run trained on those records.
+    from preprocessing.config import PreprocessConfig, fingerprint, records_dir
+    from tfseg.datasets import get_dataset
+
+    dataset = get_dataset("synthetic_cardiac")
+    expected = records_dir(str(tmp_path / "records"), dataset.name,
+                           fingerprint(dataset, {}, PreprocessConfig(n4=False)))
+    assert sorted(os.listdir(tmp_path / "records" / dataset.name)) == sorted(
+        [os.path.basename(expected), "splits"])
+    for run in result["runs"]:
+        with open(out / run["run_dir"] / "config.json", encoding="utf-8") as f:
+            assert json.load(f)["records_dir"] == os.path.abspath(expected)
     draws = result["labeled_draws"]  # distinct draws (the default), read from the records
     assert [d["repeat"] for d in draws["draws"]] == [0, 1] and draws["duplicates"] == []
     assert draws["draws"][0]["subjects"] != draws["draws"][1]["subjects"]
