@@ -48,6 +48,9 @@ flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
 flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16"], "bf16: mixed_bfloat16 compute.",
                   **_F)
 flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
+flags.DEFINE_multi_string("dataset_option", [], "Dataset option: --dataset_option=name=value "
+                          "(repeatable), e.g. target=binary or modalities=t1ce,t2,flair for "
+                          "brats.", **_F)
 flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing (MR).", **_F)
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
 flags.DEFINE_boolean("evaluate", True, "Evaluate on the test split after training.", **_F)
@@ -76,7 +79,9 @@ def main(argv) -> int:
     try:
         config = TrainConfig(
             method=FLAGS.method, dataset=FLAGS.dataset,
-            dataset_options={"phase": FLAGS.phase} if FLAGS.phase else {},
+            dataset_options={**_common.parse_options(FLAGS.dataset_option, PROGRAM,
+                                                     "--dataset_option"),
+                             **({"phase": FLAGS.phase} if FLAGS.phase else {})},
             data_dir=FLAGS.data_dir, records_root=FLAGS.records_root,
             records_dir=FLAGS.records_dir, run_dir=FLAGS.run_dir,
             split=FLAGS.split, labeled=FLAGS.labeled, split_seed=FLAGS.split_seed,

@@ -292,7 +292,7 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
         run_training(config)
     checkpoints = os.path.join(config.run_dir, "checkpoints")
     assert not os.path.exists(os.path.join(checkpoints, "best.weights.h5"))
-    assert not os.path.exists(os.path.join(checkpoints, "segmentor.weights.h5"))
+    assert not os.path.exists(os.path.join(checkpoints, "predictor.weights.h5"))
     assert not os.path.exists(os.path.join(config.run_dir, "train_log.csv"))
 
 

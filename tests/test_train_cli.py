@@ -119,7 +119,7 @@ def test_sigkill_then_rerun_resumes_where_it_stopped(tmp_path):
     second = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed = re.search(r"Resuming stage train at step (\d+) \(seg_optimizer iterations (\d+)\)",
+    resumed = re.search(r"Resuming stage train at step (\d+) \(optimizer iterations (\d+)\)",
                         second.stderr)
     assert resumed, second.stderr[-3000:]
     step, iterations = int(resumed[1]), int(resumed[2])
@@ -258,7 +258,7 @@ def test_multi_worker_two_local_workers_end_identical(tmp_path):
     chief, other = outputs
     assert chief["output_dir"] == run_dir and other["output_dir"] != run_dir
     assert chief["best"] == other["best"]
-    sums = [_checksum(os.path.join(o["output_dir"], "checkpoints", "segmentor.weights.h5"))
+    sums = [_checksum(os.path.join(o["output_dir"], "checkpoints", "predictor.weights.h5"))
             for o in outputs]
     assert sums[0] == sums[1]
     assert os.path.isfile(os.path.join(run_dir, "config.json"))
