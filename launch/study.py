@@ -13,7 +13,8 @@ run, then the tables, paired Wilcoxon tests and plots (study.md, study.json, plo
 The study first finds the dataset's records (preprocessing them on first use, into the folder
 launch.train would use), then plans every repeat: repeat k draws its labeled subjects with one
 split seed (see --draws) and trains every method on them with the same seed (paired comparisons).
-Re-running the same command skips finished runs and resumes the unfinished one; --aggregate_only
+With --target_dataset every run also trains with (and is tested on) a second data domain, and
+study.md adds a "Target domain" section. Re-running the same command skips finished runs and resumes the unfinished one; --aggregate_only
 rewrites the reports from the finished runs (without preprocessing).
 """
 from __future__ import annotations
@@ -32,6 +33,16 @@ flags.DEFINE_string("dataset", None, "Dataset (module of tfseg/datasets), e.g. s
                     **_F)
 flags.DEFINE_string("data_dir", None, "Raw data folder (not needed for synthetic datasets).", **_F)
 flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
+flags.DEFINE_multi_string("dataset_option", [], "Dataset option: --dataset_option=name=value "
+                          "(repeatable), e.g. target=binary for brats; passed to every run.",
+                          **_F)
+flags.DEFINE_string("target_dataset", None, "A second data domain for every run (launch.train's "
+                    "--target_dataset); study.md then also reports its test results.", **_F)
+flags.DEFINE_string("target_data_dir", None, "Raw data folder of --target_dataset.", **_F)
+flags.DEFINE_string("target_records_dir", None, "Preprocessed records of --target_dataset "
+                    "(default: launch.train finds or makes them under --records_root).", **_F)
+flags.DEFINE_multi_string("target_option", [], "Option of --target_dataset: --target_option="
+                          "name=value (repeatable).", **_F)
 flags.DEFINE_list("methods", None, "Comma-separated methods, e.g. supervised,self_training; "
                   "label=method adds a method again under another name for its own --set, e.g. "
                   "Aff=supervised,RDRI=supervised,task_aug.", **_F)
@@ -100,12 +111,20 @@ def main(argv) -> int:
             _common.fail(PROGRAM, f"--compare={item}: expected method_a:method_b.")
         compare.append(pair)
     overrides = _common.parse_set(FLAGS.set, PROGRAM)
+    dataset_options = {**_common.parse_options(FLAGS.dataset_option, PROGRAM, "--dataset_option"),
+                       **({"phase": FLAGS.phase} if FLAGS.phase else {})}
+    target_options = _common.parse_options(FLAGS.target_option, PROGRAM, "--target_option")
+    if FLAGS.target_dataset and FLAGS.target_dataset not in available_datasets():
+        _common.fail(PROGRAM, f"unknown --target_dataset={FLAGS.target_dataset}. Available: "
+                              f"{', '.join(available_datasets())}.")
 
     try:
         config = study.StudyConfig(
             dataset=FLAGS.dataset, methods=tuple(FLAGS.methods), labeled=labeled,
             repeats=FLAGS.repeats, out_dir=FLAGS.out, data_dir=FLAGS.data_dir,
-            dataset_options={"phase": FLAGS.phase} if FLAGS.phase else {},
+            dataset_options=dataset_options, target_dataset=FLAGS.target_dataset,
+            target_data_dir=FLAGS.target_data_dir, target_records_dir=FLAGS.target_records_dir,
+            target_dataset_options=target_options,
             preset=FLAGS.preset, overrides=overrides, compare=tuple(compare),
             baseline=FLAGS.baseline, steps=FLAGS.steps, validation_every=FLAGS.validation_every,
             n4=FLAGS.n4, num_val=FLAGS.num_val, num_test=FLAGS.num_test,

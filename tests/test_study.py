@@ -608,6 +608,12 @@ def test_cli_errors_before_anything_runs(tmp_path, capsys):
           "--set=RD:rounds=1"], r"Method 'RD' \(supervised\).*no field 'rounds'"),
         (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
           "--draws=sometimes"], r"--draws.*distinct, independent|distinct.*independent"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--target_dataset=nope"], r"unknown --target_dataset=nope"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--target_option=phase=ES"], r"--target_option need --target_dataset"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--dataset_option=oops"], r"--dataset_option='oops': expected"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -626,6 +632,135 @@ def test_cli_aggregate_only(tmp_path, capsys):
                            f"--out={config.out_dir}", "--aggregate_only"]) == 0
     assert "2/2 runs finished" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(config.out_dir, "study.md"))
+
+
+# --------------------------------------------------------------------------- target domain
+TARGET = dict(target_dataset="synthetic_brain", target_data_dir="target_data",
+              target_dataset_options={"modalities": "t1"})
+
+
+def fabricate_target(spec, dice, hd95):
+    """Writes a run's target-domain results (one class "wt"): {subject: value}."""
+    folder = os.path.join(spec.run_dir, "target")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subject", "class", "dice", "iou", "hd95_mm", "asd_mm", "precision",
+                         "recall"])
+        for subject in dice:
+            writer.writerow([subject, "wt", dice[subject], "0.5", hd95[subject], "1", "1", "1"])
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump({"split": "test", "num_subjects": len(dice)}, f)
+
+
+def test_every_run_carries_the_target_and_source_options(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=2, dataset_options={"phase": "ES",
+                     "extra": "x"}, target_records_dir=str(tmp_path / "trec"), **TARGET)
+    argvs = []
+    fake = _fake_runner(config, [])
+
+    def runner(argv, log_path):
+        argvs.append(argv)
+        return fake(argv, log_path)
+
+    study.run_study(config, runner=runner, progress=lambda line: None,
+                    records=_records(write_records(tmp_path / "records")))
+    assert len(argvs) == 4
+    for argv in argvs:
+        for flag in ("--target_dataset=synthetic_brain",
+                     f"--target_data_dir={os.path.abspath('target_data')}",
+                     f"--target_records_dir={tmp_path / 'trec'}",
+                     "--target_option=modalities=t1", "--phase=ES",
+                     "--dataset_option=extra=x"):
+            assert flag in argv, (flag, argv)
+    assert "--dataset_option=extra=x" in study.preprocess_argv(config)
+    assert not any("target" in a for a in study.preprocess_argv(config))
+    assert not any("target" in a for a in study.plan_runs(_config(tmp_path), {})[0]
+                   .train_argv(_config(tmp_path)))
+    with open(os.path.join(config.out_dir, "study.json"), encoding="utf-8") as f:
+        recorded = json.load(f)["target"]
+    assert recorded["dataset"] == "synthetic_brain"
+    assert recorded["dataset_options"] == {"modalities": "t1"}
+    assert recorded["data_dir"] == os.path.abspath("target_data")
+    assert recorded["records_dir"] == str(tmp_path / "trec")
+    with pytest.raises(ValueError, match="need --target_dataset"):
+        _config(tmp_path, target_data_dir="x")
+
+
+def test_target_section_reports_target_metrics_and_missing_runs(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=3, min_pairs=3, **TARGET)
+    specs = study.plan_runs(config, {"supervised": (), "self_training": ()})
+    target = {("supervised", 0): ([0.5, 0.7], [10, 12]), ("supervised", 1): ([0.6, 0.8], [14, 16]),
+              ("self_training", 0): ([0.6, 0.9], [4, 6]),
+              ("self_training", 1): ([0.7, 0.8], [8, 10])}
+    for spec in specs:
+        fabricate_run(config, spec, {"s0": [0.5, 0.5, 0.5], "s1": [0.5, 0.5, 0.5]})
+        if (spec.method, spec.repeat) in target:  # repeat 2: no target/ files
+            dice, hd95 = target[(spec.method, spec.repeat)]
+            fabricate_target(spec, {"t0": dice[0], "t1": dice[1]},
+                             {"t0": hd95[0], "t1": hd95[1]})
+    result = study.aggregate_study(config, specs)
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        md = f.read()
+    section = md[md.index("## Target domain: synthetic_brain"):md.index("## Runs")]
+    # Hand-computed: supervised Dice 0.5, 0.7, 0.6, 0.8 -> mean 0.65, std sqrt(0.0125) = 0.112;
+    # self_training 0.6, 0.9, 0.7, 0.8 -> 0.75 ± 0.112; HD95 10..16 -> 13 ± sqrt(5) = 2.24,
+    # 4..10 -> 7 ± 2.24. Runs' mean Dice: 0.6, 0.7 -> 0.65 ± 0.05; 0.75, 0.75 -> 0.75 ± 0.
+    assert "| supervised | 4 | 0.650 ± 0.112 (0.650) | 0.650 ± 0.112 (0.650) | " \
+           "0.650 ± 0.050 (0.650) (2 runs) |" in section
+    assert "| self_training | 4 | 0.750 ± 0.112 (0.750) | 0.750 ± 0.112 (0.750) | " \
+           "0.750 ± 0.000 (0.750) (2 runs) |" in section
+    assert "| supervised | 4 | 13.00 ± 2.24 (13.00) | 13.00 ± 2.24 (13.00) |" in section
+    assert "| self_training | 4 | 7.00 ± 2.24 (7.00) | 7.00 ± 2.24 (7.00) |" in section
+    # Paired on (repeat, subject): Dice differences 0.1, 0.2, 0.1, 0.0; HD95 -6 each.
+    p = stats.wilcoxon([0.6, 0.9, 0.7, 0.8], [0.5, 0.7, 0.6, 0.8]).pvalue
+    assert (f"| self_training vs supervised | 1 | wt | 4 | +0.1000 | +0.1000 | 3 / 0 | "
+            f"{p:.4g} |") in section
+    assert "| self_training vs supervised | 1 | wt | 4 | -6.00 | -6.00 | 4 / 0 |" in section
+    assert "**Missing:**" in section
+    for method in ("supervised", "self_training"):
+        assert os.path.join("runs", method, "l1", "r2") in section
+    assert "Runs with target results: 4 / 6" in section
+    # The source section is unchanged by the target (all 0.5) and comes first.
+    assert md.index("## Dice") < md.index("## Target domain")
+    assert "| target mean Dice |" in md and "| 0.5000 | 0.6500 |" not in md
+    assert "| supervised | 1 | 0 | 0 | yes | 0.5000 | 0.6000 |" in md
+    assert "| supervised | 1 | 2 | 2 | yes | 0.5000 | — |" in md
+    tr = result["target"]
+    assert tr["classes"] == ["wt", "mean"] and tr["num_complete"] == 4
+    assert tr["results"]["supervised"]["1"]["wt"]["dice"]["mean"] == pytest.approx(0.65)
+    assert tr["results"]["self_training"]["1"]["mean"]["hd95_mm"]["mean"] == pytest.approx(7.0)
+    assert result["results"]["supervised"]["1"]["mean"]["dice"]["mean"] == pytest.approx(0.5)
+    # Without a target domain: no section, no column.
+    plain = _config(tmp_path, labeled=(1,), repeats=3, min_pairs=3)
+    assert study.aggregate_study(plain, specs)["target"] is None
+    with open(os.path.join(config.out_dir, "study.md"), encoding="utf-8") as f:
+        md = f.read()
+    assert "Target domain" not in md and "target mean Dice" not in md
+
+
+def test_changing_the_target_between_runs_is_refused(tmp_path):
+    config = _config(tmp_path, labeled=(1,), repeats=1, **TARGET)
+    records = _records(write_records(tmp_path / "records"))
+    calls = []
+    study.run_study(config, runner=_fake_runner(config, calls), progress=lambda line: None,
+                    records=records)
+    assert len(calls) == 2
+    for changes in ({"target_dataset": "synthetic_cardiac"},
+                    {"target_dataset_options": {"modalities": "t2"}},
+                    {"target_data_dir": "elsewhere"},
+                    {"target_dataset": None, "target_data_dir": None,
+                     "target_dataset_options": {}}):
+        changed = _config(tmp_path, labeled=(1,), repeats=1, **{**TARGET, **changes})
+        calls.clear()
+        with pytest.raises(ValueError, match=r"runs/supervised/l1/r0 holds a run made with "
+                                             r"other settings \(differs in: target\)"):
+            study.run_study(changed, runner=_fake_runner(changed, calls),
+                            progress=lambda line: None, records=records)
+        assert calls == []
+    study.run_study(config, runner=_fake_runner(config, calls), progress=lambda line: None,
+                    records=records)  # the same target: resumes (nothing left to run)
+    assert calls == []
 
 
 # --------------------------------------------------------------------------- end to end

@@ -22,7 +22,12 @@ class StudyConfig:
     """A label-efficiency study (the flags of launch.study).
 
     Attributes:
-      dataset / dataset_options / data_dir: as in `tfseg.train.TrainConfig`.
+      dataset / dataset_options / data_dir: as in `tfseg.train.TrainConfig` (dataset_options:
+        launch.train's --phase and --dataset_option=name=value).
+      target_dataset / target_data_dir / target_dataset_options / target_records_dir: a second
+        data domain, as in `tfseg.train.TrainConfig` (launch.train's --target_* flags); every
+        run gets them, its target split drawn with the repeat's split seed, and the reports add
+        the target-domain test results (`<run_dir>/target/metrics.csv`). None: no target.
       methods: the study's arms: a method module name ("supervised") or "label=method"
         ("RDRI=supervised"), so one method can appear with different settings
         (`--set=RDRI:augment=affine+elastic+intensity`). Stored as the labels; `arms` maps each
@@ -68,6 +73,10 @@ class StudyConfig:
     min_pairs: int = 5
     arms: Mapping[str, str] = dataclasses.field(default_factory=dict)
     draws: str = "distinct"
+    target_dataset: str | None = None
+    target_data_dir: str | None = None
+    target_dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    target_records_dir: str | None = None
 
     def __post_init__(self):
         for name in ("methods", "labeled", "overrides"):
@@ -86,6 +95,11 @@ class StudyConfig:
         object.__setattr__(self, "arms", {label: arms[label] for label in labels})
         object.__setattr__(self, "compare", tuple(tuple(p) for p in self.compare))
         object.__setattr__(self, "dataset_options", dict(self.dataset_options))
+        object.__setattr__(self, "target_dataset_options", dict(self.target_dataset_options))
+        if not self.target_dataset and (self.target_data_dir or self.target_records_dir
+                                        or self.target_dataset_options):
+            raise ValueError("--target_data_dir / --target_records_dir / --target_option need "
+                             "--target_dataset (the second domain's dataset).")
         if not self.methods:
             raise ValueError("A study needs at least one method (--methods=supervised,...).")
         if len(set(self.methods)) != len(self.methods):
@@ -154,7 +168,8 @@ class RunSpec:
                 "repeat": self.repeat, "split_seed": self.seed, "seed": self.seed,
                 "preset": config.preset, "overrides": list(self.overrides),
                 "steps": config.steps, "validation_every": config.validation_every,
-                "n4": config.n4, "num_val": config.num_val, "num_test": config.num_test}
+                "n4": config.n4, "num_val": config.num_val, "num_test": config.num_test,
+                "target": target_request(config)}
 
     def train_argv(self, config: StudyConfig, records_dir: str | None = None) -> list[str]:
         """The `python -m launch.train` command line of this run.
@@ -172,13 +187,42 @@ class RunSpec:
         for name in ("preset", "steps", "validation_every", "num_val", "num_test"):
             if getattr(config, name) is not None:
                 argv.append(f"--{name}={getattr(config, name)}")
+        argv += target_flags(config)
         argv += [f"--set={item}" for item in self.overrides]
         return argv
 
 
+def target_request(config: StudyConfig) -> dict[str, Any] | None:
+    """The study's target domain as recorded (study.json, each run's request), or None."""
+    if not config.target_dataset:
+        return None
+    return {"dataset": config.target_dataset,
+            "dataset_options": dict(config.target_dataset_options),
+            "data_dir": _abs(config.target_data_dir),
+            "records_dir": _abs(config.target_records_dir)}
+
+
+def target_flags(config: StudyConfig) -> list[str]:
+    """launch.train's flags of the target domain (none without one)."""
+    if not config.target_dataset:
+        return []
+    flags = [f"--target_dataset={config.target_dataset}"]
+    if config.target_data_dir:
+        flags.append(f"--target_data_dir={os.path.abspath(config.target_data_dir)}")
+    if config.target_records_dir:
+        flags.append(f"--target_records_dir={os.path.abspath(config.target_records_dir)}")
+    flags += [f"--target_option={k}={v}" for k, v in config.target_dataset_options.items()]
+    return flags
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
 def data_flags(config: StudyConfig) -> list[str]:
     """The flags that choose the records, the same for launch.train and launch.preprocess:
-    dataset, records_root, N4, the data folder and the dataset's options (phase)."""
+    dataset, records_root, N4, the data folder and the dataset's options (phase as --phase,
+    every other one as --dataset_option=name=value)."""
     flags = [f"--dataset={config.dataset}",
              f"--records_root={os.path.abspath(config.records_root)}",
              "--n4" if config.n4 else "--non4"]
@@ -186,6 +230,8 @@ def data_flags(config: StudyConfig) -> list[str]:
         flags.append(f"--data_dir={os.path.abspath(config.data_dir)}")
     if config.dataset_options.get("phase"):
         flags.append(f"--phase={config.dataset_options['phase']}")
+    flags += [f"--dataset_option={k}={v}" for k, v in config.dataset_options.items()
+              if k != "phase"]
     return flags
 
 
@@ -243,13 +289,16 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
       method -> its overrides.
 
     Raises:
-      ValueError: unknown dataset, method, preset or setting, or a value that does not parse.
+      ValueError: unknown dataset (or target dataset), method, preset or setting, or a value that does not parse.
     """
     from tfseg.datasets import available_datasets
     from tfseg.methods import available_methods, get_method_module, resolve_config
 
     if config.dataset not in available_datasets():
         raise ValueError(f"Unknown dataset {config.dataset!r}. Available: "
+                         f"{', '.join(available_datasets())}.")
+    if config.target_dataset and config.target_dataset not in available_datasets():
+        raise ValueError(f"Unknown target dataset {config.target_dataset!r}. Available: "
                          f"{', '.join(available_datasets())}.")
     unknown = sorted({m for m in config.arms.values() if m not in available_methods()})
     if unknown:

@@ -11,12 +11,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tfseg._files import atomic_path, write_json_atomic, write_text_atomic
-from tfseg.study.plan import RunSpec, StudyConfig, method_fields, plan_study, split_overrides
+from tfseg.study.plan import (RunSpec, StudyConfig, method_fields, plan_study, split_overrides,
+                              target_request)
 from tfseg.study.runs import (MEAN_CLASS, METRICS, is_complete, read_request,
                               run_labeled_subjects, run_values)
 from tfseg.study.stats import LOWER_IS_BETTER, describe, paired_wilcoxon
 
 PLOTS_DIR = "plots"
+TARGET_DIR = "target"  # a run's target-domain results: <run_dir>/target/{summary.json,metrics.csv}
 METRIC_TITLES = {"dice": "Dice", "hd95_mm": "HD95 (mm)"}  # headings in study.md
 PAIRING_KEY = ("Pairs are matched on (repeat, test subject): in repeat k both methods were trained "
                "on the same labeled draw (the repeat's split seed) and evaluated on the same test "
@@ -32,52 +34,25 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
     """
     if specs is None:
         specs = plan_study(config, split_overrides(config.overrides, method_fields(config)))
-    runs, classes = [], []
-    # values[method][N][class][metric] = {(repeat, subject): value}
-    values: dict[str, dict[int, dict[str, dict[str, dict]]]] = {}
+    runs = []
     for spec in specs:
         record = read_request(spec.run_dir) or {}
-        complete = is_complete(spec.run_dir)
         seed = (record.get("request") or {}).get("split_seed", spec.seed)
-        entry = {"method": spec.method, "labeled": spec.labeled, "repeat": spec.repeat,
-                 "split_seed": seed, "seed": seed,
-                 "run_dir": os.path.relpath(spec.run_dir, config.out_dir), "complete": complete,
-                 "seconds": record.get("seconds"), "mean_dice": None,
-                 "labeled_subjects": run_labeled_subjects(spec.run_dir)}
-        if complete:
-            run_classes, run = run_values(spec.run_dir)
-            classes = classes or run_classes
-            if run_classes != classes:
-                raise ValueError(f"{spec.run_dir}/metrics.csv has classes {run_classes}, other "
-                                 f"runs {classes}: the study mixes datasets.")
-            entry["mean_dice"] = float(np.mean([v["dice"] for v in run[MEAN_CLASS].values()]))
-            budget = values.setdefault(spec.method, {}).setdefault(spec.labeled, {})
-            for name, subjects in run.items():
-                for metric in METRICS:
-                    target = budget.setdefault(name, {}).setdefault(metric, {})
-                    for subject, metrics in subjects.items():
-                        target[(spec.repeat, subject)] = metrics[metric]
-        runs.append(entry)
-    names = [*classes, MEAN_CLASS] if classes else []
-    results = {m: {str(n): {c: {metric: describe(list(
-        values.get(m, {}).get(n, {}).get(c, {}).get(metric, {}).values())) for metric in METRICS}
-        for c in names} for n in config.labeled} for m in config.methods}
-    for m in config.methods:  # spread over repeats of the per-run mean Dice
-        for n in config.labeled:
-            means = [r["mean_dice"] for r in runs if r["method"] == m and r["labeled"] == n
-                     and r["complete"]]
-            results[m][str(n)]["run_mean_dice"] = describe(means)
-    comparisons = []
-    for a, b in comparison_pairs(config):
-        for n in config.labeled:
-            for c in names:
-                for metric in METRICS:
-                    test = paired_wilcoxon(
-                        values.get(a, {}).get(n, {}).get(c, {}).get(metric, {}),
-                        values.get(b, {}).get(n, {}).get(c, {}).get(metric, {}),
-                        config.min_pairs, lower_is_better=metric in LOWER_IS_BETTER)
-                    comparisons.append({"a": a, "b": b, "labeled": n, "class": c,
-                                        "metric": metric, **test})
+        runs.append({"method": spec.method, "labeled": spec.labeled, "repeat": spec.repeat,
+                     "split_seed": seed, "seed": seed,
+                     "run_dir": os.path.relpath(spec.run_dir, config.out_dir),
+                     "complete": is_complete(spec.run_dir), "seconds": record.get("seconds"),
+                     "mean_dice": None, "labeled_subjects": run_labeled_subjects(spec.run_dir)})
+    names, values, results, comparisons = _domain_results(config, specs, runs, "")
+    target = None
+    if config.target_dataset:
+        t_names, _, t_results, t_comparisons = _domain_results(config, specs, runs,
+                                                                 TARGET_DIR)
+        target = {**target_request(config), "classes": t_names, "results": t_results,
+                  "comparisons": t_comparisons,
+                  "num_complete": sum(r["target_complete"] for r in runs),
+                  "missing": [r["run_dir"] for r in runs
+                              if r["complete"] and not r["target_complete"]]}
     seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
     result = {
         "dataset": config.dataset, "dataset_options": dict(config.dataset_options),
@@ -92,13 +67,67 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
         "min_pairs": config.min_pairs, "num_runs": len(runs),
         "num_complete": sum(r["complete"] for r in runs),
         "total_seconds": float(sum(seconds)), "runs": runs, "results": results,
-        "comparisons": comparisons, "labeled_draws": labeled_draws(runs),
+        "comparisons": comparisons, "labeled_draws": labeled_draws(runs), "target": target,
     }
     os.makedirs(config.out_dir, exist_ok=True)
     result["plots"] = write_plots(result, values, config.out_dir) if names else {}
     write_json_atomic(os.path.join(config.out_dir, "study.json"), result, default=str)
     write_text_atomic(os.path.join(config.out_dir, "study.md"), study_markdown(result))
     return result
+
+
+def _domain_results(config: StudyConfig, specs: Sequence[RunSpec], runs: list[dict],
+                    domain: str) -> tuple[list[str], dict, dict, list[dict]]:
+    """One domain's statistics: (classes, values, results, comparisons).
+
+    domain: "" (the source: each run folder) or TARGET_DIR (`<run_dir>/target/`). Sets each run
+    entry's "mean_dice" and "complete" (source) or "target_mean_dice" and "target_complete";
+    a run whose files are missing is left out of the statistics.
+    """
+    prefix = f"{domain}_" if domain else ""
+    classes: list[str] = []
+    # values[method][N][class][metric] = {(repeat, subject): value}
+    values: dict[str, dict[int, dict[str, dict[str, dict]]]] = {}
+    for spec, entry in zip(specs, runs):
+        folder = os.path.join(spec.run_dir, domain) if domain else spec.run_dir
+        complete = is_complete(folder)
+        entry[f"{prefix}complete"], entry[f"{prefix}mean_dice"] = complete, None
+        if not complete:
+            continue
+        run_classes, run = run_values(folder)
+        classes = classes or run_classes
+        if run_classes != classes:
+            raise ValueError(f"{folder}/metrics.csv has classes {run_classes}, other "
+                             f"runs {classes}: the study mixes datasets.")
+        entry[f"{prefix}mean_dice"] = float(np.mean([v["dice"]
+                                                     for v in run[MEAN_CLASS].values()]))
+        budget = values.setdefault(spec.method, {}).setdefault(spec.labeled, {})
+        for name, subjects in run.items():
+            for metric in METRICS:
+                cell = budget.setdefault(name, {}).setdefault(metric, {})
+                for subject, metrics in subjects.items():
+                    cell[(spec.repeat, subject)] = metrics[metric]
+    names = [*classes, MEAN_CLASS] if classes else []
+    results = {m: {str(n): {c: {metric: describe(list(
+        values.get(m, {}).get(n, {}).get(c, {}).get(metric, {}).values())) for metric in METRICS}
+        for c in names} for n in config.labeled} for m in config.methods}
+    for m in config.methods:  # spread over repeats of the per-run mean Dice
+        for n in config.labeled:
+            means = [r[f"{prefix}mean_dice"] for r in runs if r["method"] == m
+                     and r["labeled"] == n and r[f"{prefix}complete"]]
+            results[m][str(n)]["run_mean_dice"] = describe(means)
+    comparisons = []
+    for a, b in comparison_pairs(config):
+        for n in config.labeled:
+            for c in names:
+                for metric in METRICS:
+                    test = paired_wilcoxon(
+                        values.get(a, {}).get(n, {}).get(c, {}).get(metric, {}),
+                        values.get(b, {}).get(n, {}).get(c, {}).get(metric, {}),
+                        config.min_pairs, lower_is_better=metric in LOWER_IS_BETTER)
+                    comparisons.append({"a": a, "b": b, "labeled": n, "class": c,
+                                        "metric": metric, **test})
+    return names, values, results, comparisons
 
 
 def comparison_pairs(config: StudyConfig) -> list[tuple[str, str]]:
@@ -155,9 +184,13 @@ def _cell(stats: Mapping[str, Any], digits: int) -> str:
 
 
 def study_markdown(result: Mapping[str, Any]) -> str:
-    """study.md: settings, tables per budget, the tests, the plots and the runs."""
-    names, methods = result["classes"], result["methods"]
-    lines = [f"# Study: {result['dataset']} — {', '.join(methods)}", "",
+    """study.md: settings, tables per budget, the tests, the target domain's (if any), the
+    plots and the runs."""
+    methods = result["methods"]
+    target = result.get("target")
+    lines = [f"# Study: {result['dataset']}"
+             + (f" → target {target['dataset']}" if target else "")
+             + f" — {', '.join(methods)}", "",
              f"- Runs finished: {result['num_complete']} / {result['num_runs']} "
              f"({len(methods)} methods × budgets {', '.join(map(str, result['labeled']))} "
              f"labeled × {result['repeats']} repeats); training time (sum over runs, wall "
@@ -178,16 +211,46 @@ def study_markdown(result: Mapping[str, Any]) -> str:
         lines += [f"| {m} | {arms.get(m, m)} | {', '.join(arm_overrides.get(m, [])) or '—'} |"
                   for m in methods]
         lines.append("")
+    lines += _domain_markdown(result, result, "##")
+    if target:
+        lines += _target_markdown(result, target)
+    plots = result.get("plots") or {}
+    if plots:
+        lines += ["## Plots", "", f"![Dice vs labeled subjects]({plots['label_efficiency']})", ""]
+        for n, path in plots.get("boxplots", {}).items():
+            lines += [f"![Dice per class, {n} labeled]({path})", ""]
+    lines += _draws_markdown(result.get("labeled_draws") or {})
+    lines += ["## Runs", "", "| Method | labeled | repeat | seed | finished | mean Dice | "
+              + ("target mean Dice | " if target else "") + "seconds | folder |",
+              "|---" * (8 + bool(target)) + "|"]
+    for r in result["runs"]:
+        dice = "—" if r["mean_dice"] is None else f"{r['mean_dice']:.4f}"
+        if target:
+            dice += (" | —" if r.get("target_mean_dice") is None
+                     else f" | {r['target_mean_dice']:.4f}")
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['method']} | {r['labeled']} | {r['repeat']} | {r['seed']} | "
+                     f"{'yes' if r['complete'] else 'no'} | {dice} | {seconds} | "
+                     f"{r['run_dir']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _domain_markdown(result: Mapping[str, Any], domain: Mapping[str, Any],
+                     level: str) -> list[str]:
+    """The tables per budget and the paired tests of one domain (`domain`: its "classes",
+    "results" and "comparisons"), under headings of `level` ("##" or deeper)."""
+    names, methods = domain["classes"], result["methods"]
+    lines: list[str] = []
     for metric, digits in (("dice", 3), ("hd95_mm", 2)):
-        lines += [f"## {METRIC_TITLES[metric]}", ""]
+        lines += [f"{level} {METRIC_TITLES[metric]}", ""]
         for n in result["labeled"]:
             per_run = metric == "dice"  # plus the spread of the runs' mean Dice over repeats
-            lines += [f"### {n} labeled", "",
+            lines += [f"{level}# {n} labeled", "",
                       "| Method | n | " + " | ".join(names)
                       + (" | runs: mean Dice over repeats |" if per_run else " |"),
                       "|---" * (len(names) + 2 + per_run) + "|"]
             for m in methods:
-                cells = result["results"][m][str(n)]
+                cells = domain["results"][m][str(n)]
                 count = cells[names[0]][metric]["n"] if names else 0
                 runs = cells["run_mean_dice"]
                 extra = (f" {_cell(runs, 3)} ({runs['n']} runs) |" if per_run and runs["n"]
@@ -196,17 +259,17 @@ def study_markdown(result: Mapping[str, Any]) -> str:
                              + " | ".join(_cell(cells[c][metric], digits) for c in names)
                              + " |" + extra)
             lines.append("")
-    lines += ["## Paired Wilcoxon signed-rank tests", "",
+    lines += [f"{level} Paired Wilcoxon signed-rank tests", "",
               f"{result['pairing']} Test: {result['test']}; \"n/a\" when fewer than "
               f"{result['min_pairs']} pairs or all differences are zero. With fewer than 6 "
               "non-zero differences no two-sided exact p-value can be below 0.05. \"A better / "
               "B better\" counts the pairs where that method is better: higher Dice, lower "
               "HD95.", ""]
     for metric, digits in (("dice", 4), ("hd95_mm", 2)):
-        tests = [t for t in result["comparisons"] if t["metric"] == metric]
+        tests = [t for t in domain["comparisons"] if t["metric"] == metric]
         if not tests:
             continue
-        lines += [f"### {METRIC_TITLES[metric]}", "",
+        lines += [f"{level}# {METRIC_TITLES[metric]}", "",
                   "| A vs B | labeled | class | pairs | mean Δ (A−B) | median Δ | A better / "
                   "B better | p |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -220,24 +283,30 @@ def study_markdown(result: Mapping[str, Any]) -> str:
                          f"{t['n_pairs']} | {delta} | {median} | {t['a_better']} / "
                          f"{t['b_better']} | {p} |")
         lines.append("")
-    if not result["comparisons"]:
+    if not domain["comparisons"]:
         lines += [f"No comparison: the baseline {result['baseline']!r} is not among the "
                   "methods and no --compare pair was given.", ""]
-    plots = result.get("plots") or {}
-    if plots:
-        lines += ["## Plots", "", f"![Dice vs labeled subjects]({plots['label_efficiency']})", ""]
-        for n, path in plots.get("boxplots", {}).items():
-            lines += [f"![Dice per class, {n} labeled]({path})", ""]
-    lines += _draws_markdown(result.get("labeled_draws") or {})
-    lines += ["## Runs", "", "| Method | labeled | repeat | seed | finished | mean Dice | "
-              "seconds | folder |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        dice = "—" if r["mean_dice"] is None else f"{r['mean_dice']:.4f}"
-        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['method']} | {r['labeled']} | {r['repeat']} | {r['seed']} | "
-                     f"{'yes' if r['complete'] else 'no'} | {dice} | {seconds} | "
-                     f"{r['run_dir']} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _target_markdown(result: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
+    """The "Target domain: <dataset>" section: the target test results of every run."""
+    options = ", ".join(f"{k}={v}" for k, v in target["dataset_options"].items())
+    lines = [f"## Target domain: {target['dataset']}", "",
+             f"- Dataset {target['dataset']}" + (f" ({options})" if options else "")
+             + (f", data {target['data_dir']}" if target.get("data_dir") else "")
+             + (f", records {target['records_dir']}" if target.get("records_dir") else "")
+             + "; each run's target split drawn with its repeat's split seed.",
+             f"- Runs with target results: {target['num_complete']} / {result['num_runs']}. "
+             "Cells and tests as above, from each run's target/metrics.csv (the target "
+             "split's test subjects).", ""]
+    if target.get("missing"):
+        lines += ["**Missing:** finished runs without target results (no target/summary.json "
+                  "and target/metrics.csv), left out of this section: "
+                  + ", ".join(target["missing"]) + ".", ""]
+    if not target["classes"]:
+        return lines + ["No run has target results yet.", ""]
+    return lines + _domain_markdown(result, target, "###")
 
 
 def _draws_markdown(info: Mapping[str, Any]) -> list[str]:
