@@ -40,6 +40,8 @@ flags.DEFINE_bool("n4", True, "N4 bias-field correction for MR datasets (CT data
                   "use it).")
 flags.DEFINE_integer("n4_shrink", None, "Shrink factor of the N4 fit. Default: the dataset's "
                      "(4 for 3D, 2 for 2D).", lower_bound=1)
+flags.DEFINE_multi_string("dataset_option", [], "Dataset option: --dataset_option=name=value "
+                          "(repeatable), e.g. target=binary for brats.")
 flags.DEFINE_string("phase", None, "Datasets with cardiac phases (acdc): ES, ED or both. "
                     "Default: the dataset's.")
 flags.DEFINE_integer("num_shards", 1, "Split the subjects over this many machines.",
@@ -84,7 +86,14 @@ def _config() -> PreprocessConfig:
 
 def _dataset_options(name: str) -> dict:
     """The dataset options set by flags, checked against what `make_dataset` accepts."""
-    options = {"phase": FLAGS.phase} if FLAGS.phase is not None else {}
+    options = {}
+    for item in FLAGS.dataset_option:
+        option, sep, value = item.partition("=")
+        if not sep or not option.strip():
+            raise ValueError(f"--dataset_option={item!r}: expected --dataset_option=name=value.")
+        options[option.strip()] = value.strip()
+    if FLAGS.phase is not None:
+        options["phase"] = FLAGS.phase
     if name not in available_datasets():
         raise ValueError(f"Unknown --dataset={name}. Available: "
                          f"{', '.join(available_datasets())}.")

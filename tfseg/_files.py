@@ -87,3 +87,16 @@ def write_json_atomic(path: str, data: Any, *, indent: int | None = 2, sort_keys
     """
     write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=default)
                       + "\n")
+
+
+def read_json(path: str, fix: str = "") -> Any:
+    """The JSON document at `path`.
+
+    Raises:
+      ValueError: "Cannot read <path>: <reason>." plus `fix`, for an unreadable or invalid file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read {path}: {error}.{' ' + fix if fix else ''}") from None

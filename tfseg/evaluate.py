@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from tfseg._files import write_json_atomic, write_text_atomic
+from tfseg.data.spec import DataSpec
 from tfseg.io import ImageMeta, read_label, write_image
 
 __all__ = ["EvalSubject", "evaluate_run", "evaluate_volumes", "summarize", "summary_markdown",

@@ -20,7 +20,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from tfseg._files import write_json_atomic
+from tfseg._files import read_json, write_json_atomic
 
 __all__ = ["CONFIG_NAME", "PREDICTOR_WEIGHTS", "DOMAINS", "RunInfo", "build_predictor",
            "domain_records", "load_run", "read_config", "write_config"]
@@ -82,11 +82,7 @@ def read_config(run_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} is not a run folder: no {CONFIG_NAME}. Point --run_dir at a "
                          "folder written by `python -m launch.train`.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read {path}: {error}.") from None
+    config = read_json(path)
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by tfseg's "
@@ -100,8 +96,7 @@ def write_config(run_dir: str, config: Mapping[str, Any], resume_keys: tuple[str
     path = os.path.join(run_dir, CONFIG_NAME)
     new = json.loads(json.dumps(config, default=str))
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = read_json(path)
         differs = [k for k in resume_keys if old.get(k) != new.get(k)]
         if differs:
             raise ValueError(f"{run_dir} already holds a run with other settings (differs in: "

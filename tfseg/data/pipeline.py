@@ -30,7 +30,6 @@ Training (`training_dataset`), all in TF ops (no py_function / numpy_function):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Iterator, Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfseg._files import read_json
 from tfseg.data import augment as augment_lib
 from tfseg.data import schema
 from tfseg.data import splits as splits_lib
@@ -108,11 +108,7 @@ def load_manifest(records_dir: str) -> dict[str, Any]:
         raise ValueError(f"No {MANIFEST_NAME} in records folder {records_dir}. Run "
                          "`python -m launch.preprocess` for this dataset (or point --records_dir "
                          "at its output folder).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read {path}: {error}. Re-run preprocessing.") from None
+    manifest = read_json(path, "Re-run preprocessing.")
     missing = [k for k in _TOP_KEYS if k not in manifest]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}; it was not written by tfseg's "
