@@ -193,7 +193,7 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
                          "(--version) or pass overwrite / --overwrite to replace it.")
     network = dynamic_shape_model(predictor)
     value_table = tf.constant([int(v) for v in label_values], tf.int32)
-    paint = [(r, c) for r, c in enumerate(data_spec.region_paint)]
+    paint = list(enumerate(data_spec.region_paint))  # (region, class) in painting order
     signature = tf.TensorSpec([None] * (spatial_dims + 1) + [int(channels)], tf.float32,
                               name="image")
     names = ", ".join(preprocessing.get("modalities") or []) or "see assets/preprocessing.json"

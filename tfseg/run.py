@@ -21,6 +21,7 @@ import os
 from typing import Any, Mapping
 
 from tfseg._files import read_json, write_json_atomic
+from tfseg.data.spec import manifest_raw_to_class
 
 __all__ = ["CONFIG_NAME", "PREDICTOR_WEIGHTS", "DOMAINS", "RunInfo", "build_predictor",
            "domain_records", "load_run", "read_config", "write_config"]
@@ -174,15 +175,5 @@ def load_run(run_dir: str, domain: str = "source") -> RunInfo:
                    modalities=tuple(manifest["modalities"]),
                    class_names=tuple(data_spec.class_names),
                    label_values=tuple(int(v) for v in manifest["label_values"]),
-                   raw_to_class=raw_to_class(manifest), patch_size_zyx=patch,
+                   raw_to_class=manifest_raw_to_class(manifest), patch_size_zyx=patch,
                    size_multiple=size_multiple)
-
-
-def raw_to_class(manifest: Mapping[str, Any]) -> dict[int, int]:
-    """Label file value -> class index, as preprocessing recorded it (else the inverse of the
-    label values)."""
-    recorded = manifest.get("raw_to_class")
-    if recorded:
-        pairs = recorded.items() if isinstance(recorded, Mapping) else recorded
-        return {int(k): int(v) for k, v in pairs}
-    return {int(v): index for index, v in enumerate(manifest["label_values"])}

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["DataSpec", "REGION_THRESHOLD", "default_paint", "resolve_regions"]
+__all__ = ["DataSpec", "REGION_THRESHOLD", "default_paint", "manifest_raw_to_class",
+           "resolve_regions"]
 
 # Region r is predicted where its sigmoid probability reaches this value.
 REGION_THRESHOLD = 0.5
@@ -185,8 +186,7 @@ class DataSpec:
                                  "re-run preprocessing (its manifest records "
                                  "settings.patch_size_zyx).")
             example_shape = tuple(int(v) for v in size)
-        raw_to_class = {int(k): int(v) for k, v in (manifest.get("raw_to_class") or [])} or {
-            int(v): i for i, v in enumerate(manifest.get("label_values") or [])}
+        raw_to_class = manifest_raw_to_class(manifest)
         names, members, paint = [], [], []
         for region in manifest.get("regions") or []:
             names.append(region["name"])
@@ -197,6 +197,16 @@ class DataSpec:
                    class_names=tuple(manifest["class_names"]), example_shape=example_shape,
                    region_names=tuple(names), region_classes=tuple(members),
                    region_paint=tuple(paint))
+
+
+def manifest_raw_to_class(manifest: Mapping[str, Any]) -> dict[int, int]:
+    """Label file value -> class index, as preprocessing recorded it in a manifest (else the
+    inverse of its label values)."""
+    recorded = manifest.get("raw_to_class")
+    if recorded:
+        pairs = recorded.items() if isinstance(recorded, Mapping) else recorded
+        return {int(k): int(v) for k, v in pairs}
+    return {int(v): index for index, v in enumerate(manifest.get("label_values") or [])}
 
 
 def default_paint(regions: Sequence[tuple[str, Sequence[int]]]) -> tuple[int, ...]:
