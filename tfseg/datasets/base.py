@@ -71,6 +71,17 @@ class Dataset:
       region_paint: per region, the label value painted for it when a label map is built back
         from region predictions; None = `tfseg.data.spec.default_paint` (the smallest value of
         the region that no later region holds).
+      Training protocol (2D; how training examples are drawn from the records, never what is
+      evaluated: evaluation always predicts every slice of the whole volume):
+      train_crop_yx: random (rows, cols) crops of each training slice (labeled, unlabeled and
+        target streams); the network then runs fully convolutionally on the whole `crop_size_yx`
+        slice at validation, evaluation and prediction (SegAN: 160 x 160 crops of 180 x 180).
+      train_slices: only the `train_slices` central slices along z of each subject train
+        (SegAN: 128 of BraTS's 155); None = all slices.
+      labeled_slices_per_subject / unlabeled_slices_per_subject: keep only this many slices per
+        subject in the labeled / unlabeled stream, drawn with the split seed (labeled: among the
+        slices whose label has foreground; unlabeled: among slices with image content); None =
+        every slice (DMNet: one labeled and two unlabeled slices per patient).
     """
 
     name: str
@@ -94,6 +105,10 @@ class Dataset:
     content_version: int | None = None
     regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     region_paint: tuple[int, ...] | None = None
+    train_crop_yx: tuple[int, int] | None = None
+    train_slices: int | None = None
+    labeled_slices_per_subject: int | None = None
+    unlabeled_slices_per_subject: int | None = None
 
     @property
     def num_classes(self) -> int:
