@@ -5,7 +5,8 @@
                                           "file_ending": ".nii.gz", ...}
     imagesTr/{case}_{0000..}{ending}     one file per channel; labeled cases
     labelsTr/{case}{ending}              integer label map per labeled case
-    imagesTs/{case}_{0000..}{ending}     unlabeled (nnU-Net's test images)
+    imagesTs/{case}_{0000..}{ending}     nnU-Net's test images: unlabeled, or labeled when
+    labelsTs/{case}{ending}              their labels are there (held-out evaluation cases)
     imagesUnl/{case}_{0000..}{ending}    unlabeled cases (tfseg's addition)
 
 The modalities and classes come from dataset.json, so the facts depend on the folder: call
@@ -166,8 +167,7 @@ class FolderDataset(Dataset):
                     raise ValueError(f"Case {case!r} is in both {subjects[case].extra['source']}/"
                                      f" and {source}/ of {folder}; case ids must be unique. "
                                      "Rename one of them.")
-                label = (os.path.join(folder, "labelsTr", case + ending)
-                         if source == "imagesTr" else None)
+                label = _label_path(folder, source, case + ending)
                 subjects[case] = Subject(
                     subject_id=case, patient_id=case, label_path=label,
                     image_paths=tuple(os.path.join(images, f"{case}_{c:04d}{ending}")
@@ -177,6 +177,17 @@ class FolderDataset(Dataset):
             raise _layout.layout_error(self.name, folder, _EXPECTED,
                                        f"no {{case}}_0000{ending} images were found")
         return list(subjects.values())
+
+
+def _label_path(folder: str, source: str, name: str) -> str | None:
+    """labelsTr/<name> for imagesTr cases (reported by preprocessing when missing);
+    labelsTs/<name> for imagesTs cases when it exists; None (unlabeled) otherwise."""
+    if source == "imagesTr":
+        return os.path.join(folder, "labelsTr", name)
+    if source == "imagesTs":
+        path = os.path.join(folder, "labelsTs", name)
+        return path if os.path.isfile(path) else None
+    return None
 
 
 def _plain(value: Any) -> Any:
