@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from tfseg.evaluate import (EvalSubject, evaluate_volumes, summarize, summary_markdown,
                             write_label_map, write_reports)
+from tfseg.data.spec import DataSpec
 from tfseg.io import ImageMeta, read_label, write_image
 
 LABEL_VALUES = (0, 10, 150, 250)
@@ -149,7 +150,8 @@ def test_oracle_prediction_scores_perfectly_and_writes_raw_values(tmp_path):
         assert row["dice"] == 1.0 and row["iou"] == 1.0 and row["precision"] == 1.0
         assert row["recall"] == 1.0 and row["hd95_mm"] == 0.0 and row["asd_mm"] == 0.0
     assert per_subject["s0"]["gm"]["dice"] == 1.0 and per_subject["s0"]["seconds"] >= 0
-    assert per_subject["s0"]["miou"] == 1.0 and "auc" not in per_subject["s0"]  # not binary
+    assert per_subject["s0"]["miou"] == 1.0 and per_subject["s0"]["auc"] == 1.0
+    assert all(row["miou"] == 1.0 and row["auc"] == 1.0 for row in rows)  # per class too
     written, meta = read_label(str(tmp_path / "pred" / "s0_seg.nii.gz"))
     np.testing.assert_array_equal(written, label)  # the dataset's raw values 0/10/150/250
     assert written.dtype == np.uint8
@@ -231,7 +233,7 @@ def test_reports_are_written_and_readable(tmp_path):
     with open(tmp_path / "metrics.csv", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["subject", "class", "dice", "iou", "hd95_mm", "asd_mm",
-                              "precision", "recall"]
+                              "precision", "recall", "miou", "auc"]
     assert float(table[0]["dice"]) == pytest.approx(0.8)
     with open(tmp_path / "summary.json", encoding="utf-8") as f:
         loaded = json.load(f)
@@ -290,7 +292,7 @@ def test_evaluate_run_end_to_end(tmp_path, spatial_dims):
     assert summary["num_subjects"] == 2 and summary["split"] == "test"
     assert set(summary["classes"]) == {"csf", "gm", "wm"}
     assert set(summary["classes"]["gm"]) == {"dice", "iou", "hd95_mm", "asd_mm", "precision",
-                                             "recall"}
+                                             "recall", "miou", "auc"}
     assert summary["checkpoint"] == "best_val" and summary["flip_tta"] is False
     assert summary["tile_size_zyx"] == ([16, 16, 16] if spatial_dims == 3 else None)
     assert set(summary["subjects"]) == {"case1", "case2"}
@@ -332,3 +334,64 @@ def test_evaluate_run_reports_missing_weights_and_unknown_split(tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert error.startswith("launch.evaluate: error: No predictor weights at")
     assert "\n" not in error
+
+
+def test_per_region_miou_and_auc_are_hand_computed(tmp_path):
+    """Regions: per-region two-class mIoU and one-against-rest AUC, by hand on 1 x 2 x 4 voxels."""
+    from tfseg.evaluate import EvalSubject
+    from tfseg.io import ImageMeta, write_image
+
+    raw = np.array([[[0, 1, 1, 2], [2, 2, 0, 0]]], np.uint8)       # region A = {1, 2}, B = {2}
+    meta = _meta(raw.shape)
+    path = str(tmp_path / "lab.nii.gz")
+    write_image(raw, meta, path)
+    spec = DataSpec(spatial_dims=2, num_channels=1, num_classes=3,
+                    class_names=("background", "one", "two"), example_shape=(2, 4),
+                    region_names=("A", "B"), region_classes=((1, 2), (2,)), region_paint=(1, 2))
+    probs = np.zeros(raw.shape + (2,), np.float32)
+    # A: predicted on voxels (0,0,1),(0,0,2),(0,1,0) -> 3 of the 5 true ones, 0 false positives.
+    probs[0, 0, :, 0] = [0.1, 0.9, 0.8, 0.4]
+    probs[0, 1, :, 0] = [0.7, 0.3, 0.2, 0.0]
+    # B (truth (0,0,3),(0,1,0),(0,1,1)): predicted on (0,0,3) and (0,1,2) (a false positive).
+    probs[0, 0, :, 1] = [0.0, 0.1, 0.2, 0.6]
+    probs[0, 1, :, 1] = [0.3, 0.4, 0.9, 0.1]
+    rows, per_subject = evaluate_volumes(
+        [EvalSubject("s", path, meta)], lambda s: probs, data_spec=spec, label_values=(0, 1, 2),
+        raw_to_class={0: 0, 1: 1, 2: 2})
+    a, b = per_subject["s"]["A"], per_subject["s"]["B"]
+    # A: IoU(A) = 3/5; complement: truth {(0,0,0),(0,1,2),(0,1,3)}, prediction adds 2 -> 3/5.
+    assert a["miou"] == pytest.approx((3 / 5 + 3 / 5) / 2)
+    # A's AUC: positives scores .9 .8 .4 .7 .3, negatives .1 .2 .0 -> every pair ordered: 1.
+    assert a["auc"] == pytest.approx(1.0)
+    # B: IoU(B) = 1/4; complement: truth 5 voxels, predicted 6 -> intersection 4, union 6... by
+    # enumeration: rest-truth {000,001,002,012,013}, rest-pred {000,001,002,010,011,013}: 4 / 7.
+    assert b["miou"] == pytest.approx((1 / 4 + 4 / 7) / 2)
+    # B AUC: positives .6 .3 .4; negatives .0 .1 .2 .9 .1: each wins 4 of 5 pairs: 12 of 15.
+    assert b["auc"] == pytest.approx(12 / 15)
+    assert per_subject["s"]["miou"] == pytest.approx((a["miou"] + b["miou"]) / 2)
+    assert per_subject["s"]["auc"] == pytest.approx((1.0 + 12 / 15) / 2)
+    summary = summarize(rows, per_subject, spec.reported_names, split="test")
+    assert summary["classes"]["B"]["auc"]["mean"] == pytest.approx(12 / 15)
+    assert "mIoU" in summary_markdown(summary)
+
+
+def test_auc_is_missing_not_zero_when_a_region_is_absent(tmp_path):
+    from tfseg.evaluate import EvalSubject
+    from tfseg.io import ImageMeta, write_image
+
+    raw = np.zeros((1, 2, 2), np.uint8)
+    meta = _meta(raw.shape)
+    path = str(tmp_path / "lab.nii.gz")
+    write_image(raw, meta, path)
+    spec = DataSpec(spatial_dims=2, num_channels=1, num_classes=2, class_names=("bg", "t"),
+                    example_shape=(2, 2))
+    probs = np.stack([np.full((1, 2, 2), 0.9), np.full((1, 2, 2), 0.1)], -1)
+    rows, per_subject = evaluate_volumes([EvalSubject("s", path, meta)], lambda s: probs,
+                                         data_spec=spec, label_values=(0, 1),
+                                         raw_to_class={0: 0, 1: 1})
+    assert rows[0]["auc"] is None and per_subject["s"]["auc"] is None
+    assert rows[0]["miou"] == 1.0  # both empty: class and complement agree everywhere
+    write_reports(str(tmp_path / "out"), rows, summarize(rows, per_subject, ["t"], split="test"))
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        header, line = f.read().splitlines()
+    assert header.endswith("miou,auc") and line.endswith(",")

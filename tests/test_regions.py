@@ -98,7 +98,11 @@ def test_evaluate_volumes_scores_each_region_hand_computed(tmp_path):
     assert by["inner"]["dice"] == pytest.approx(2 * 8 / (12 + 8))
     assert by["inner"]["iou"] == pytest.approx(8 / 12)
     assert by["inner"]["precision"] == pytest.approx(8 / 12) and by["inner"]["recall"] == 1.0
-    assert "miou" not in per_subject["s0"]        # classes-only figure
+    # two-class mIoU per region over 72 voxels: outer (24/32 + 40/48) / 2, inner
+    # (8/12 + 60/64) / 2 (complements: truth 40 vs prediction 48, truth 64 vs prediction 60)
+    outer, inner = (24 / 32 + 40 / 48) / 2, (8 / 12 + 60 / 64) / 2
+    assert by["outer"]["miou"] == pytest.approx(outer) and by["inner"]["miou"] == pytest.approx(inner)
+    assert per_subject["s0"]["miou"] == pytest.approx((outer + inner) / 2)
     written, _ = read_label(str(tmp_path / "pred" / "s0_seg.nii.gz"))
     expected = np.zeros_like(label)
     expected[:, 1:5, 1:4] = 5                     # outer painted with the ring value

@@ -37,6 +37,11 @@ __all__ = ["EvalSubject", "evaluate_run", "evaluate_volumes", "summarize", "summ
            "write_label_map", "write_reports", "METRIC_NAMES"]
 
 METRIC_NAMES = ("dice", "iou", "hd95_mm", "asd_mm", "precision", "recall")
+# Per class / region, also in metrics.csv: "miou" = the two-class mean IoU of the class against
+# everything else ((IoU of the class + IoU of its complement) / 2, DMNet's binary mIoU), and
+# "auc" = one-against-rest ROC AUC of the class's probability (None when not computable: a
+# prediction given as a label map, or a reference without that class or without background).
+EXTRA_METRICS = ("miou", "auc")
 
 EMPTY_MASK_POLICY = (
     "Per class: prediction and truth both empty -> Dice = IoU = precision = recall = 1 and "
@@ -183,7 +188,7 @@ def evaluate_volumes(subjects: Sequence[EvalSubject],
       ValueError: naming the file when a label's values are outside `raw_to_class` or its grid
         differs from the original image's; or when a prediction has the wrong shape.
     """
-    from tfseg.metrics.volume import auc, binary_metrics, mean_iou
+    from tfseg.metrics.volume import auc, binary_metrics, binary_mean_iou, mean_iou
 
     names = data_spec.reported_names
     rows: list[dict[str, Any]] = []
@@ -208,18 +213,23 @@ def evaluate_volumes(subjects: Sequence[EvalSubject],
             write_label_map(prediction, subject.original, label_values,
                             os.path.join(predictions_dir, f"{subject.subject_id}_seg.nii.gz"))
         record: dict[str, Any] = {}
+        first_channel = 1 if data_spec.targets == "classes" else 0  # skip the background
         for n, name in enumerate(names):
             scores = binary_metrics(pred_masks[..., n], truth_masks[..., n],
                                     subject.original.spacing_zyx)
             values = {metric: float(scores[metric]) for metric in METRIC_NAMES}
+            values["miou"] = binary_mean_iou(pred_masks[..., n], truth_masks[..., n])
+            value = (auc(output[..., first_channel + n], truth_masks[..., n])
+                     if is_probability else math.nan)
+            values["auc"] = None if math.isnan(value) else value
             rows.append({"subject": subject.subject_id, "class": name, **values})
             record[name] = values
         if data_spec.targets == "classes":  # mIoU as DMNet reports it (background included)
             record["miou"] = mean_iou(prediction, truth, data_spec.num_classes)
-        if is_probability and len(names) == 1:  # AUC for binary tasks (one class or region)
-            channel = data_spec.num_outputs - 1
-            value = auc(output[..., channel], truth_masks[..., 0])
-            record["auc"] = None if math.isnan(value) else value
+        else:  # regions overlap: the mean of the regions' two-class mIoUs
+            record["miou"] = float(np.mean([record[name]["miou"] for name in names]))
+        aucs = [record[name]["auc"] for name in names if record[name]["auc"] is not None]
+        record["auc"] = float(np.mean(aucs)) if aucs else None
         seconds = time.perf_counter() - started
         record["seconds"] = round(seconds, 2)
         per_subject[subject.subject_id] = record
@@ -243,10 +253,14 @@ def summarize(rows: Sequence[Mapping[str, Any]], per_subject: Mapping[str, Any],
     for name in foreground:
         class_rows = [r for r in rows if r["class"] == name]
         classes[name] = {m: _stats([r[m] for r in class_rows]) for m in METRIC_NAMES}
+        for m in EXTRA_METRICS:  # where computed (AUC needs probabilities and both classes)
+            values = [r[m] for r in class_rows if r.get(m) is not None]
+            if values:
+                classes[name][m] = _stats(values)
     subject_means = {m: [float(np.mean([r[m] for r in rows if r["subject"] == s]))
                          for s in per_subject] for m in METRIC_NAMES}
     overall = {m: _stats(values) for m, values in subject_means.items()}
-    for name in ("miou", "auc"):  # per-subject figures (auc: binary tasks, where defined)
+    for name in EXTRA_METRICS:  # per-subject figures, where defined
         values = [r[name] for r in per_subject.values() if r.get(name) is not None]
         if values:
             overall[name] = _stats(values)
@@ -298,22 +312,30 @@ def write_reports(out_dir: str, rows: Sequence[Mapping[str, Any]], summary: Mapp
                   ) -> None:
     """Writes metrics.csv, summary.json and summary.md into `out_dir`, each atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["subject", "class", *METRIC_NAMES],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=["subject", "class", *METRIC_NAMES,
+                                                *EXTRA_METRICS], lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    for row in rows:  # an undefined AUC is an empty cell
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else "" if v is None else v)
+                         for k, v in row.items()})
     write_text_atomic(os.path.join(out_dir, "metrics.csv"), buffer.getvalue())
     write_json_atomic(os.path.join(out_dir, "summary.json"), _json_safe(summary), indent=2)
     write_text_atomic(os.path.join(out_dir, "summary.md"), summary_markdown(summary))
 
 
+_MIOU_TEXT = ("over all classes, background included",
+              "mean of the regions' two-class mIoUs")
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """The summary as GitHub-flavoured Markdown tables."""
     headers = {"dice": "Dice", "iou": "IoU", "hd95_mm": "HD95 (mm)", "asd_mm": "ASD (mm)",
-               "precision": "Precision", "recall": "Recall"}
+               "precision": "Precision", "recall": "Recall", "miou": "mIoU", "auc": "AUC"}
 
-    def cell(stats, metric):
+    def cell(table, metric):
+        if metric not in table:
+            return "n/a"
+        stats = table[metric]
         digits = 2 if metric.endswith("_mm") else 3
         return (f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} "
                 f"({stats['median']:.{digits}f})")
@@ -327,19 +349,22 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"{'yes' if summary.get('flip_tta') else 'no'}"
              + (f"; tile {'×'.join(map(str, tile))}, overlap {summary.get('overlap')}"
                 if tile else ""),
-             *([f"- mIoU over all classes (background included): "
+             *([f"- mIoU ({_MIOU_TEXT[summary.get('targets') == 'regions']}): "
                 f"{summary['overall']['miou']['mean']:.3f}"] if "miou" in summary["overall"]
                else []),
-             *([f"- AUC (binary task): {summary['overall']['auc']['mean']:.3f}"]
+             *([f"- AUC (mean of the one-against-rest AUCs): "
+                f"{summary['overall']['auc']['mean']:.3f}"]
                if "auc" in summary["overall"] else []),
+             "- Per class: mIoU = (IoU of the class + IoU of the rest) / 2; AUC = ROC AUC of its "
+             "probability against the rest (n/a: not computable).",
              f"- Original geometry; distances in mm. Empty masks: {summary['empty_mask_policy']}",
              "- Cells: mean ± std (median) over subjects.", "",
              "| Class | " + " | ".join(headers.values()) + " |",
              "|---" * (len(headers) + 1) + "|"]
     for name, stats in summary["classes"].items():
-        lines.append(f"| {name} | " + " | ".join(cell(stats[m], m) for m in headers) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(stats, m) for m in headers) + " |")
     lines.append("| **Mean of classes** | "
-                 + " | ".join(cell(summary["overall"][m], m) for m in headers) + " |")
+                 + " | ".join(cell(summary["overall"], m) for m in headers) + " |")
     names = list(summary["classes"])
     lines += ["", "## Dice per subject", "",
               "| Subject | " + " | ".join(names) + " | Seconds |",

@@ -308,6 +308,11 @@ class _Generated:
     def prepare(self, data_dir: str | None) -> str:
         counts = {"training": self.num_training, "testing": self.num_testing,
                   "target": list(self.target_counts)}
+        if data_dir:  # a domain folder returned earlier: prepare its generation
+            path = os.path.abspath(os.path.expanduser(data_dir))
+            if (os.path.basename(path) in DOMAINS and os.path.isfile(
+                    os.path.join(os.path.dirname(path), _synthetic.MARKER_NAME))):
+                data_dir = os.path.dirname(path)
         root = _synthetic.prepare_folder(
             data_dir, generator=f"tfseg.datasets.{self.cache_name}", version=GENERATOR_VERSION,
             counts=counts, cache_name=self.cache_name,

@@ -245,6 +245,24 @@ def mean_iou(pred, truth, num_classes: int, include_background: bool = True) -> 
     return float(np.mean(ious))
 
 
+def binary_mean_iou(pred_mask, truth_mask) -> float:
+    """Two-class mIoU of one mask: (IoU of the mask + IoU of its complement) / 2.
+
+    What DMNet's binary tables report as mIoU (tumour and background); for a class of a
+    multi-class map, the class against everything else. Empty-mask policy: a class (or
+    complement) absent from both masks has IoU 1.
+    """
+    pred_mask, truth_mask = np.asarray(pred_mask, bool), np.asarray(truth_mask, bool)
+    if pred_mask.shape != truth_mask.shape:
+        raise ValueError(f"binary_mean_iou: shapes {pred_mask.shape} and {truth_mask.shape} "
+                         "differ.")
+    ious = []
+    for p, t in ((pred_mask, truth_mask), (~pred_mask, ~truth_mask)):
+        union = int(np.logical_or(p, t).sum())
+        ious.append(1.0 if union == 0 else int(np.logical_and(p, t).sum()) / union)
+    return float(np.mean(ious))
+
+
 def auc(probs, truth) -> float:
     """Area under the ROC curve of foreground probabilities against a binary reference.
 
