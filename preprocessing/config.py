@@ -152,7 +152,36 @@ def dataset_facts(dataset: Dataset) -> dict[str, Any]:
             # Only region datasets carry the key, so other datasets keep their fingerprints.
             **({"regions": resolve_regions(dataset.regions, dataset.region_paint,
                                            dataset.label_values, f"dataset {dataset.name!r}")}
-               if dataset.regions else {})}
+               if dataset.regions else {}),
+            # Likewise only datasets with a training protocol (how training slices are drawn).
+            **({"training_protocol": protocol} if (protocol := training_protocol(dataset))
+               else {})}
+
+
+def training_protocol(dataset: Dataset) -> dict[str, Any]:
+    """The dataset's training-protocol fields that are set (see `Dataset`), JSON-ready.
+
+    Raises:
+      ValueError: for a 3D dataset with a protocol, or a bad value.
+    """
+    protocol = {}
+    for name in ("train_crop_yx", "train_slices", "labeled_slices_per_subject",
+                 "unlabeled_slices_per_subject"):
+        value = getattr(dataset, name, None)
+        if value is None:
+            continue
+        values = [int(v) for v in (value if isinstance(value, (tuple, list)) else [value])]
+        if min(values) < 1:
+            raise ValueError(f"Dataset {dataset.name!r}: {name} must be positive, got {value!r}.")
+        protocol[name] = values if name == "train_crop_yx" else values[0]
+    if protocol and dataset.spatial_dims != 2:
+        raise ValueError(f"Dataset {dataset.name!r}: training protocols ({', '.join(protocol)}) "
+                         "apply to 2D datasets only.")
+    crop, size = protocol.get("train_crop_yx"), dataset.crop_size_yx
+    if crop and (len(crop) != 2 or not size or any(c > s for c, s in zip(crop, size))):
+        raise ValueError(f"Dataset {dataset.name!r}: train_crop_yx {crop} must be 2 sizes no "
+                         f"larger than crop_size_yx {size}.")
+    return protocol
 
 
 def fingerprint(dataset: Dataset, dataset_options: Mapping[str, Any] | None,

@@ -5,7 +5,12 @@ Training (`training_dataset`), all in TF ops (no py_function / numpy_function):
   → cache in memory (optional) → shuffle → repeat → [3D: cut random patches] → batch
   (drop_remainder) → parallel map(augment) ; zip(labeled, unlabeled) → prefetch.
 
-- 2D datasets: one example per slice; every slice of the split's subjects is used.
+- 2D datasets: one example per slice; every slice of the split's subjects is used, unless the
+  dataset's training protocol (manifest "training_protocol", from the Dataset fields
+  train_crop_yx / train_slices / labeled_slices_per_subject / unlabeled_slices_per_subject)
+  keeps only the central `train_slices` of each subject, or a few slices per subject (chosen
+  once per split by `protocol_slices`, stable across stages and resumes), and trains on random
+  `train_crop_yx` crops (the same crop for image and label; target-domain slices too).
 - 3D datasets: one example per subject (the whole volume and its `patch_corners`). Each visit of
   a volume cuts `patches_per_volume` patches at corners drawn uniformly from its stored corners
   (labeled volumes: the foreground-filtered stride grid; unlabeled volumes: corners inside their
@@ -191,18 +196,128 @@ def _read(paths, parse_fn, config: PipelineConfig, stream: int) -> tf.data.Datas
     return examples.cache() if config.cache else examples
 
 
+PROTOCOL_KEYS = ("train_crop_yx", "train_slices", "labeled_slices_per_subject",
+                 "unlabeled_slices_per_subject")
+
+
+def training_protocol(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's training protocol with every key (None = not set)."""
+    recorded = manifest.get("training_protocol") or {}
+    return {key: recorded.get(key) for key in PROTOCOL_KEYS}
+
+
+def stored_slice_shape(manifest: Mapping[str, Any]) -> tuple[int, int]:
+    """The (rows, cols) of the 2D records' slices (every subject has the same)."""
+    shapes = {tuple(int(v) for v in e["shape_zyx"][1:]) for e in manifest["subjects"].values()}
+    if len(shapes) != 1:
+        raise ValueError(f"2D records with different in-plane shapes {sorted(shapes)}; "
+                         "preprocess with a fixed crop_size_yx.")
+    return shapes.pop()
+
+
+def _central_window(num_slices: int, keep: int | None) -> tuple[int, int]:
+    """[start, stop) of the `keep` central slices (all of them when keep is None or larger)."""
+    if not keep or keep >= num_slices:
+        return 0, num_slices
+    start = (num_slices - int(keep)) // 2
+    return start, start + int(keep)
+
+
+def protocol_slices(records_dir: str, manifest: Mapping[str, Any], subject_ids: Sequence[str],
+                    count: int, labeled: bool, seed: int) -> dict[str, list[int]]:
+    """Chooses `count` slices per subject for a few-slices-per-patient protocol (DMNet).
+
+    Labeled subjects: among the slices whose label has foreground (a slice an annotator would
+    draw; a blank slice teaches nothing), else among all slices; unlabeled: among the slices
+    with image content. Only the protocol's central `train_slices` window is eligible. The draw
+    depends on (seed, subject id) only, so a run's stages and resumes see the same slices.
+    This reads each subject's shard once.
+
+    Returns:
+      {subject id: sorted slice indices}.
+    """
+    import zlib
+
+    window = training_protocol(manifest)["train_slices"]
+    chosen = {}
+    for subject_id in subject_ids:
+        image, label = load_subject(records_dir, subject_id, manifest)
+        start, stop = _central_window(image.shape[0], window)
+        if labeled and label is not None:
+            content = np.any(label[start:stop] > 0, axis=(1, 2))
+        else:
+            content = np.any(image[start:stop] != 0, axis=(1, 2, 3))
+        candidates = np.flatnonzero(content) + start
+        if candidates.size == 0:
+            candidates = np.arange(start, stop)
+        rng = np.random.default_rng([int(seed), zlib.crc32(subject_id.encode("utf-8"))])
+        picked = rng.choice(candidates, size=min(int(count), candidates.size), replace=False)
+        chosen[subject_id] = sorted(int(i) for i in picked)
+    return chosen
+
+
+def _slice_filter(manifest: Mapping[str, Any], subject_ids: Sequence[str],
+                  chosen: Mapping[str, Sequence[int]] | None):
+    """A predicate on (subject_id, index) keeping the protocol's slices, or None for all."""
+    window = training_protocol(manifest)["train_slices"]
+    if chosen is None and not window:
+        return None
+    keys = []
+    for subject_id in subject_ids:
+        if chosen is not None:
+            indices = chosen[subject_id]
+        else:
+            indices = range(*_central_window(int(manifest["subjects"][subject_id]["shape_zyx"][0]),
+                                             window))
+        keys += [f"{subject_id}#{i}" for i in indices]
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(keys, tf.string), tf.ones([len(keys)], tf.int64)), default_value=0)
+
+    def keep(subject_id, index):
+        key = tf.strings.join([subject_id, tf.strings.as_string(index)], separator="#")
+        return table.lookup(key) > 0
+
+    return keep
+
+
 def _slices_stream(paths, shape_yx, num_channels, with_label, batch_size,
-                   config: PipelineConfig, stream: int) -> tf.data.Dataset:
+                   config: PipelineConfig, stream: int, keep=None,
+                   crop_yx: Sequence[int] | None = None) -> tf.data.Dataset:
     def parse(serialized):
         example = schema.parse_example(serialized, 2, num_channels)
         out = {"image": tf.ensure_shape(example["image"], [*shape_yx, num_channels])}
         if with_label:  # uint8 in the cache; int32 after batching
             out["label"] = tf.ensure_shape(tf.cast(example["label"], tf.uint8), shape_yx)
+        if keep is not None:
+            out["keep"] = keep(example[schema.SUBJECT_ID], example[schema.INDEX])
         return out
 
     examples = _read(paths, parse, config, stream)
+    if keep is not None:
+        examples = examples.filter(lambda e: e.pop("keep"))
     examples = examples.shuffle(config.shuffle_buffer, seed=config.seed + stream).repeat()
+    if crop_yx and tuple(crop_yx) != tuple(shape_yx):
+        examples = examples.enumerate().map(
+            lambda counter, e: _random_crop(e, crop_yx, _element_seed(config, stream + 200,
+                                                                       counter)),
+            num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
     return examples.batch(batch_size, drop_remainder=True)
+
+
+def _random_crop(example, crop_yx, seed):
+    """One random (rows, cols) window of a slice, the same for its image and label."""
+    image = example["image"]
+    shape = tf.shape(image)
+    limit = tf.stack([shape[0] - crop_yx[0] + 1, shape[1] - crop_yx[1] + 1])
+    corner = tf.cast(tf.floor(tf.random.stateless_uniform([2], seed)
+                              * tf.cast(limit, tf.float32)), tf.int32)
+    corner = tf.minimum(corner, limit - 1)
+    out = {"image": tf.ensure_shape(
+        tf.slice(image, [corner[0], corner[1], 0], [crop_yx[0], crop_yx[1], -1]),
+        [crop_yx[0], crop_yx[1], image.shape[-1]])}
+    if "label" in example:
+        out["label"] = tf.ensure_shape(tf.slice(example["label"], corner, crop_yx), crop_yx)
+    return out
 
 
 def _patches_stream(paths, patch_size, num_channels, with_label, batch_size,
@@ -287,12 +402,29 @@ def training_dataset(records_dir: str, split: splits_lib.Split, config: Pipeline
                 raise ValueError(f"{records_dir}: subject {subject_id} has shape {shape}, smaller "
                                  f"than the patch {facts.example_shape}; re-run preprocessing "
                                  "(it pads small volumes) or choose a smaller patch_size_zyx.")
-    build = _slices_stream if facts.spatial_dims == 2 else _patches_stream
-    labeled = build(_shard_paths(records_dir, manifest, labeled_ids), facts.example_shape,
-                    facts.num_channels, True, config.labeled_batch_size, config, _LABELED_STREAM)
-    unlabeled = build(_shard_paths(records_dir, manifest, unlabeled_ids), facts.example_shape,
-                      facts.num_channels, False, config.unlabeled_batch_size, config,
-                      _UNLABELED_STREAM)
+    if facts.spatial_dims == 2:
+        protocol = training_protocol(manifest)
+        stored = stored_slice_shape(manifest)
+
+        def build(ids, with_label, batch_size, stream, per_subject):
+            chosen = (protocol_slices(records_dir, manifest, ids, per_subject, with_label,
+                                      split.seed) if per_subject else None)
+            return _slices_stream(
+                _shard_paths(records_dir, manifest, ids), stored, facts.num_channels,
+                with_label, batch_size, config, stream,
+                keep=_slice_filter(manifest, ids, chosen), crop_yx=protocol["train_crop_yx"])
+
+        labeled = build(labeled_ids, True, config.labeled_batch_size, _LABELED_STREAM,
+                        protocol["labeled_slices_per_subject"])
+        unlabeled = build(unlabeled_ids, False, config.unlabeled_batch_size, _UNLABELED_STREAM,
+                          protocol["unlabeled_slices_per_subject"])
+    else:
+        labeled = _patches_stream(_shard_paths(records_dir, manifest, labeled_ids),
+                                  facts.example_shape, facts.num_channels, True,
+                                  config.labeled_batch_size, config, _LABELED_STREAM)
+        unlabeled = _patches_stream(_shard_paths(records_dir, manifest, unlabeled_ids),
+                                    facts.example_shape, facts.num_channels, False,
+                                    config.unlabeled_batch_size, config, _UNLABELED_STREAM)
 
     def finish_labeled(counter, batch):
         images, labels = batch["image"], tf.cast(batch["label"], tf.int32)
@@ -327,9 +459,19 @@ def _target_stream(records_dir: str, split: splits_lib.Split, source: DataSpec,
         raise ValueError(f"The target split {split.name!r} has no training patient (labeled or "
                          f"unlabeled) for the records {records_dir}.")
     subject_ids = subject_ids_for(manifest, patients)
-    build = _slices_stream if facts.spatial_dims == 2 else _patches_stream
-    return build(_shard_paths(records_dir, manifest, subject_ids), facts.example_shape,
-                 facts.num_channels, False, config.target_batch_size, config, _TARGET_STREAM)
+    paths = _shard_paths(records_dir, manifest, subject_ids)
+    if facts.spatial_dims == 3:
+        return _patches_stream(paths, facts.example_shape, facts.num_channels, False,
+                               config.target_batch_size, config, _TARGET_STREAM)
+    # Target slices are cut to the source's training shape (its protocol crop, if any).
+    stored = stored_slice_shape(manifest)
+    crop = tuple(source.example_shape)
+    if any(c > s for c, s in zip(crop, stored)):
+        raise ValueError(f"Target records {records_dir} hold {stored} slices, smaller than the "
+                         f"source's training slices {crop}. Preprocess the target with a "
+                         "crop_size_yx at least that large.")
+    return _slices_stream(paths, stored, facts.num_channels, False, config.target_batch_size,
+                          config, _TARGET_STREAM, crop_yx=crop)
 
 
 def measure_pipeline_throughput(dataset: tf.data.Dataset, num_batches: int,

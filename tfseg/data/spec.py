@@ -179,6 +179,9 @@ class DataSpec:
                 raise ValueError(f"2D records with different in-plane shapes {sorted(shapes)}; "
                                  "preprocess with a fixed crop_size_yx.")
             example_shape = tuple(int(v) for v in shapes.pop())
+            crop = (manifest.get("training_protocol") or {}).get("train_crop_yx")
+            if crop:  # training examples are random crops of the stored slices
+                example_shape = tuple(int(v) for v in crop)
         else:
             size = patch_size_zyx or (manifest.get("settings") or {}).get("patch_size_zyx")
             if not size:

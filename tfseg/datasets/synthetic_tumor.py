@@ -328,7 +328,6 @@ class SyntheticTumorSource(_Generated, brats.BratsDataset):
     name: str = "synthetic_tumor"
     target_spacing_xy: tuple[float, float] | None = _SPACING_XY
     crop_size_yx: tuple[int, int] | None = _CROP_YX
-    n4_shrink: int = 2
     content_version: int | None = GENERATOR_VERSION
     domain: str = "source"
     num_training: int = NUM_TRAINING
@@ -351,6 +350,7 @@ class SyntheticTumorTarget(_Generated, folder_lib.FolderDataset):
     regions: tuple[tuple[str, tuple[int, ...]], ...] = brats.REGIONS
     target_spacing_xy: tuple[float, float] | None = _SPACING_XY
     crop_size_yx: tuple[int, int] | None = _CROP_YX
+    n4_shrink: int = 4
     content_version: int | None = GENERATOR_VERSION
     domain: str = "target"
     target: str = "regions"
@@ -395,7 +395,7 @@ def make_dataset(domain: str = "source", target: str = "regions",
         own_geometry = brats_options.get("protocol", "default") == "default"
         fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)
                   if f.name != "name" and not (own_geometry and f.name in (
-                      "target_spacing_xy", "crop_size_yx", "n4_shrink"))}
+                      "target_spacing_xy", "crop_size_yx"))}
         return SyntheticTumorSource(**fields, **counts)
     if brats_options:
         raise ValueError(f"The synthetic_tumor target domain takes only target and modalities, "
