@@ -30,6 +30,9 @@ flags.DEFINE_string("records_root", "records", "Folder of preprocessed records a
 flags.DEFINE_string("records_dir", None, "Use this preprocessed records folder instead of "
                     "preprocessing on first use.", **_F)
 flags.DEFINE_integer("labeled", None, "Draw a split with this many labeled patients.", **_F)
+flags.DEFINE_float("labeled_fraction", None, "Instead of --labeled: a patient-level 7:1:2 "
+                  "split (test 20%, val 10%) with this fraction of the training patients "
+                  "labeled, e.g. 0.1 (DMNet's protocol).", **_F)
 flags.DEFINE_integer("split_seed", 0, "Seed of the drawn split.", **_F)
 flags.DEFINE_integer("num_val", None, "Validation patients of a drawn split (default: 10%).",
                      **_F)
@@ -67,12 +70,17 @@ flags.DEFINE_string("target_split", None, "Split JSON file (or published name) o
                     "patients, every other patient unlabeled).", **_F)
 flags.DEFINE_multi_string("target_option", [], "Option of --target_dataset: --target_option="
                           "name=value (repeatable), e.g. phase=ED.", **_F)
+flags.DEFINE_enum("adapt", None, ["cyclegan", "none"], "Domain adaptation of a method that has "
+                  "it (mixmatch): cyclegan translates the target domain into the source domain "
+                  "first, none skips it. Same as --set=adapt=...", **_F)
 flags.DEFINE_integer("summary_every", 50, "Steps between training scalars in TensorBoard.", **_F)
 
 
 def main(argv) -> int:
     _common.setup_environment()
     _common.parse_flags(FLAGS, argv, PROGRAM)
+    if FLAGS.adapt is not None:  # sugar for --set=adapt=...
+        FLAGS.set = [*FLAGS.set, f"adapt={FLAGS.adapt}"]
     overrides = _common.check_method_flags(FLAGS, PROGRAM)
 
     from tfseg.train import TrainConfig, run_training
@@ -84,7 +92,8 @@ def main(argv) -> int:
                              **({"phase": FLAGS.phase} if FLAGS.phase else {})},
             data_dir=FLAGS.data_dir, records_root=FLAGS.records_root,
             records_dir=FLAGS.records_dir, run_dir=FLAGS.run_dir,
-            split=FLAGS.split, labeled=FLAGS.labeled, split_seed=FLAGS.split_seed,
+            split=FLAGS.split, labeled=FLAGS.labeled, labeled_fraction=FLAGS.labeled_fraction,
+            split_seed=FLAGS.split_seed,
             num_val=FLAGS.num_val, num_test=FLAGS.num_test, steps=FLAGS.steps,
             validation_every=FLAGS.validation_every, seed=FLAGS.seed,
             distribute=FLAGS.distribute, mixed_precision=FLAGS.mixed_precision,

@@ -168,3 +168,19 @@ def test_resolve_errors(tmp_path):
     splits.save_split(splits.Split("s", ["a"], ["ghost"], [], []), str(path))
     with pytest.raises(ValueError, match=rf"split file {path}: unknown patient id\(s\) ghost"):
         splits.resolve_split(_manifest(), path=str(path))
+
+
+def test_fraction_counts_7_1_2():
+    from tfseg.data.splits import fraction_counts
+
+    # 20 patients: test 4, val 2, training 14; 10% -> round(1.4) = 1, 30% -> round(4.2) = 4
+    assert fraction_counts(20, 0.1) == (1, 2, 4)
+    assert fraction_counts(20, 0.3) == (4, 2, 4)
+    assert fraction_counts(20, 1.0) == (14, 2, 4)
+    assert fraction_counts(285, 0.1) == (20, 28, 57)   # BraTS 2018 training set
+    assert fraction_counts(5, 0.1) == (1, 1, 1)        # at least one of each
+    assert fraction_counts(20, 0.5, num_val=0, num_test=10) == (5, 0, 10)
+    with pytest.raises(ValueError, match=r"labeled_fraction must be in \(0, 1\]"):
+        fraction_counts(20, 0.0)
+    with pytest.raises(ValueError, match="leave none for training"):
+        fraction_counts(2, 0.5)

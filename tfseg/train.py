@@ -33,7 +33,7 @@ import tfseg
 from tfseg import callbacks as cb
 from tfseg import distribute
 from tfseg._files import write_json_atomic
-from tfseg.data import pipeline, schema
+from tfseg.data import domains, pipeline, schema
 from tfseg.data import splits as splits_lib
 from tfseg.datasets import get_dataset
 from tfseg import run as run_folder
@@ -60,6 +60,8 @@ class TrainConfig:
       split: a published split name or a split JSON file; None = draw `labeled` patients (or the
         dataset's default split when `labeled` is None too).
       labeled / split_seed / num_val / num_test: the drawn split (tfseg.data.splits.draw_split).
+      labeled_fraction: instead of `labeled`, a patient-level 7:1:2 split (test 20%, val 10%)
+        with this fraction of the training patients labeled (splits.fraction_counts; DMNet).
       steps / validation_every: None = the method's defaults.
       seed: training seed (weights, pipeline, augmentation); None = split_seed.
       distribute: "none" | "mirrored" | "multi_worker".
@@ -90,6 +92,7 @@ class TrainConfig:
     run_dir: str | None = None
     split: str | None = None
     labeled: int | None = None
+    labeled_fraction: float | None = None
     split_seed: int = 0
     num_val: int | None = None
     num_test: int | None = None
@@ -159,7 +162,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     if not chief:
         distribute.barrier(strategy)
     records_dir = resolve_records(config, dataset)
-    target = _target_domain(config) if config.target_dataset else None
+    target = (_target_domain(config, pipeline.load_manifest(records_dir)["modalities"])
+              if config.target_dataset else None)
     if chief:
         distribute.barrier(strategy)
     manifest = pipeline.load_manifest(records_dir)
@@ -251,9 +255,19 @@ def check_method_supports(module, name: str, data_spec: DataSpec) -> None:
                          "or a method that supports regions (e.g. supervised).")
 
 
-def _target_domain(config: TrainConfig) -> dict[str, Any]:
-    """Preprocesses (on first use) and splits the target domain; its config.json record."""
+def _target_domain(config: TrainConfig, source_modalities) -> dict[str, Any]:
+    """Preprocesses (on first use) and splits the target domain; its config.json record. Its
+    modalities are picked and ordered by name like the source's (`tfseg.data.domains`)."""
+    from preprocessing.runner import resolve_dataset
+
     target_dataset = get_dataset(config.target_dataset, **config.target_dataset_options)
+    options = domains.align_target_options(
+        source_modalities, resolve_dataset(target_dataset, config.target_data_dir)[0],
+        config.target_dataset_options, source=config.dataset, target=config.target_dataset)
+    if options != dict(config.target_dataset_options):
+        logging.info("Target modalities chosen like the source's: %s", options["modalities"])
+        config = dataclasses.replace(config, target_dataset_options=options)
+        target_dataset = get_dataset(config.target_dataset, **options)
     # Records of the target live under their own root, named by the data folder: the
     # preprocessing fingerprint ignores the folder, so a target of the same dataset as the source
     # (another site's scans, say) would otherwise share the source's records folder.
@@ -294,14 +308,18 @@ def _check_target(target: Mapping[str, Any], manifest: Mapping[str, Any],
     other = pipeline.load_manifest(target["records_dir"])
     names = (f"target {target['dataset']!r} ({target['records_dir']})",
              f"source {manifest.get('dataset')!r}")
-    if len(other["modalities"]) != data_spec.num_channels:
+    match = domains.match_domains(manifest["modalities"], data_spec.class_names,
+                                  other["modalities"],
+                                  other["class_names"] if target["split"]["test"] else None,
+                                  source=names[1], target=names[0])
+    if list(match.target_modalities) != list(other["modalities"]):
         raise ValueError(f"The {names[0]} has modalities {other['modalities']}, the {names[1]} "
-                         f"{manifest['modalities']}: a run's domains need the same number of "
-                         "channels (choose the target's modalities to match).")
+                         f"{manifest['modalities']}: a run's domains need the same channels in "
+                         "the same order (choose the target's modalities to match).")
     target_spec = pipeline.dataset_facts(other, data_spec.example_shape
                                          if data_spec.spatial_dims == 3 else None)
     if target["split"]["test"] and (
-            target_spec.class_names != data_spec.class_names
+            not match.classes_identity or len(match.class_map) != data_spec.num_classes
             or target_spec.region_names != data_spec.region_names
             or target_spec.region_classes != data_spec.region_classes):
         raise ValueError(f"The {names[0]} has classes {list(target_spec.class_names)} and regions "
@@ -355,10 +373,18 @@ def split_source(split: str | None, labeled: int | None, dataset, dataset_name: 
 
 
 def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
-    published, path = split_source(config.split, config.labeled, dataset, config.dataset)
+    num_labeled, num_val, num_test = config.labeled, config.num_val, config.num_test
+    if config.labeled_fraction is not None:
+        if config.labeled is not None:
+            raise ValueError(f"Choose either --labeled={config.labeled} or --labeled_fraction="
+                             f"{config.labeled_fraction}, not both.")
+        num_labeled, num_val, num_test = splits_lib.fraction_counts(
+            len(splits_lib.patient_pools(manifest)[0]), config.labeled_fraction, num_val,
+            num_test)
+    published, path = split_source(config.split, num_labeled, dataset, config.dataset)
     split = splits_lib.resolve_split(
-        manifest, dataset, published=published, path=path, num_labeled=config.labeled,
-        seed=config.split_seed, num_val=config.num_val, num_test=config.num_test)
+        manifest, dataset, published=published, path=path, num_labeled=num_labeled,
+        seed=config.split_seed, num_val=num_val, num_test=num_test)
     split_path = os.path.join(config.records_root, config.dataset, "splits", f"{split.name}.json")
     if not os.path.isfile(split_path) or splits_lib.load_split(split_path) != split:
         splits_lib.save_split(split, split_path)

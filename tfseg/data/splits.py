@@ -165,6 +165,29 @@ def validate_split(split: Split, available_labeled_patients: Iterable[str],
                          "for training.")
 
 
+def fraction_counts(pool_size: int, fraction: float, num_val: int | None = None,
+                    num_test: int | None = None) -> tuple[int, int, int]:
+    """(labeled, val, test) patient counts of a patient-level 7:1:2 split with `fraction` of the
+    training patients labeled (DMNet's protocol: `--labeled_fraction=0.1|0.3|0.5|1.0`).
+
+    Test = round(0.2 · pool), val = round(0.1 · pool) (each at least 1, unless given); the rest
+    are training patients, of which max(1, round(fraction · training)) are labeled and the others
+    unlabeled (their labels hidden).
+
+    Raises:
+      ValueError: for a fraction outside (0, 1] or a pool too small for the split.
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"labeled_fraction must be in (0, 1], got {fraction!r}.")
+    num_test = max(1, round(0.2 * pool_size)) if num_test is None else int(num_test)
+    num_val = max(1, round(0.1 * pool_size)) if num_val is None else int(num_val)
+    training = pool_size - num_test - num_val
+    if training < 1:
+        raise ValueError(f"{pool_size} annotated patients leave none for training after "
+                         f"{num_test} test and {num_val} validation patients.")
+    return max(1, round(float(fraction) * training)), num_val, num_test
+
+
 def draw_split(labeled_patients: Sequence[str], unlabeled_patients: Sequence[str],
                num_labeled: int, seed: int, num_val: int | None = None,
                num_test: int | None = None) -> Split:

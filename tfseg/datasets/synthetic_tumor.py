@@ -387,8 +387,13 @@ def make_dataset(domain: str = "source", target: str = "regions",
     """
     if domain not in DOMAINS:
         raise ValueError(f"Unknown synthetic_tumor domain {domain!r}; choose source or target.")
+    if isinstance(target_counts, str):  # "--dataset_option=target_counts=4,12,8"
+        target_counts = [c for c in target_counts.split(",") if c.strip()]
     counts = dict(num_training=int(num_training), num_testing=int(num_testing),
                   target_counts=tuple(int(c) for c in target_counts))
+    if len(counts["target_counts"]) != 3 or min(counts["target_counts"]) < 0:
+        raise ValueError(f"synthetic_tumor target_counts must be 3 counts (labeled, unlabeled, "
+                         f"test), got {target_counts!r}.")
     facts = brats.make_dataset(target=target, modalities=modalities, **brats_options)
     if domain == "source":
         # The synthetic grid (2 mm, 80 x 80) unless a protocol sets the geometry.
