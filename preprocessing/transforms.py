@@ -14,6 +14,9 @@ Choices (documented here because they decide what the network sees):
   (linear for images, nearest for labels; edge voxels extrapolate from the nearest voxel), then
   centre cropped/padded to the crop size. Image padding uses each channel's minimum normalised
   value (its background level), label padding 0.
+- Slice axis: a dataset whose files hold the slices along another array axis
+  (`Dataset.slice_axis_zyx`, e.g. KiTS19 along x) has that axis swapped with z first (images,
+  label and geometry); `restore_geometry` swaps it back, so predictions keep the files' order.
 - 3D datasets: the normalised volume as is, padded symmetrically (same pad values) only where it
   is smaller than the training patch. Patch corners lie on the stride grid 0, s, 2s, … ≤ D − P
   (as in the reference code); when (D − P) is not a multiple of s, the last (D − P) mod s voxels
@@ -210,6 +213,28 @@ def _as_3d(array: np.ndarray, meta: ImageMeta) -> tuple[np.ndarray, ImageMeta]:
                                   meta.num_channels)
 
 
+def swap_slice_axis(array: np.ndarray, meta: ImageMeta, axis: int
+                    ) -> tuple[np.ndarray, ImageMeta]:
+    """Swaps array axis `axis` of a (z, y, x[, c]) volume with z, and its geometry with it.
+
+    The voxel at index 0 stays where it is (same origin); spacing, size and the direction
+    columns follow the swapped axes, so the swapped image covers the same physical grid. The
+    swap is its own inverse. `axis` 0 returns the inputs unchanged.
+    """
+    if axis == 0:
+        return array, meta
+    if axis not in (1, 2) or meta.ndim != 3:
+        raise ValueError(f"slice_axis_zyx must be 0, 1 or 2 for a 3D image; got {axis}.")
+    swapped = np.swapaxes(array, 0, axis)
+    order_xyz = [0, 1, 2]
+    order_xyz[2], order_xyz[2 - axis] = 2 - axis, 2
+    direction = np.asarray(meta.direction, np.float64).reshape(3, 3)[:, order_xyz]
+    return swapped, dataclasses.replace(
+        meta, spacing_xyz=tuple(meta.spacing_xyz[i] for i in order_xyz),
+        size_xyz=tuple(meta.size_xyz[i] for i in order_xyz),
+        direction=tuple(float(v) for v in direction.ravel()))
+
+
 def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
                       label: np.ndarray | None, dataset: Dataset, config: PreprocessConfig,
                       *, sources: Sequence[str] | None = None, label_source: str | None = None
@@ -238,12 +263,14 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
         raise ValueError(f"Dataset {dataset.name!r} has {dataset.num_channels} modalities "
                          f"{dataset.modalities}; got {len(images)} images and {len(metas)} metas.")
     check_geometry(metas, sources, dataset.orientation_reliable)
+    slice_axis = int(getattr(dataset, "slice_axis_zyx", 0) or 0) if metas[0].ndim == 3 else 0
     volumes, original = [], None
     for index, (array, meta) in enumerate(zip(images, metas)):
         array, meta_3d = _as_3d(np.asarray(array), meta)
         if array.shape != meta_3d.shape_zyx:
             raise ValueError(f"{_name(sources, index)}: array shape {array.shape} does not "
                              f"match its geometry {meta_3d.shape_zyx}; pass (z, y, x) arrays.")
+        array, meta_3d = swap_slice_axis(array, meta_3d, slice_axis)
         if not np.all(np.isfinite(array)):
             raise ValueError(f"Image {_name(sources, index)} has NaN or infinite voxels; expected "
                              "finite intensities. Re-export the scan or fix those voxels.")
@@ -282,7 +309,8 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
     image = np.stack(volumes, axis=-1)  # (z, y, x, C)
     del volumes
     if label is not None:
-        label, _ = _as_3d(np.asarray(label), metas[0])
+        label, label_meta = _as_3d(np.asarray(label), metas[0])
+        label, _ = swap_slice_axis(label, label_meta, slice_axis)
         if label.shape != image.shape[:3]:
             raise ValueError(f"Label {label_source or 'label'} has shape {label.shape}; expected "
                              f"the image shape {image.shape[:3]}.")
@@ -290,6 +318,8 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
     geometry: dict[str, Any] = {"spatial_dims": dataset.spatial_dims, "input_ndim": metas[0].ndim,
                                 "original_shape_zyx": list(original.shape_zyx),
                                 "resampled_spacing_xyz": None}
+    if slice_axis:  # only then, so the geometry of other datasets is unchanged
+        geometry["slice_axis_zyx"] = slice_axis
     pad = np.asarray(pad_values, np.float32)
     patch_corners = None
     if dataset.spatial_dims == 2:
@@ -341,8 +371,8 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
     """Maps a prediction on the processed grid back onto the original image grid.
 
     Undoes the crop/pad (regions cropped away become background: label 0, or probability 1 for
-    class 0) and the in-plane resampling (nearest neighbour for labels, linear for
-    probabilities).
+    class 0), the in-plane resampling (nearest neighbour for labels, linear for
+    probabilities) and the slice-axis swap (`geometry["slice_axis_zyx"]`, if any).
 
     Args:
       array: labels (Z, H, W) or probabilities (Z, H, W, K) on the processed grid.
@@ -366,6 +396,8 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
         raise ValueError(f"Prediction shape {array.shape} does not match the processed grid "
                          f"{expected}{' + (K,)' if is_probability else ''}.")
     _, original_3d = _as_3d(np.zeros(original.shape_zyx, np.uint8), original)
+    slice_axis = int(geometry.get("slice_axis_zyx", 0))
+    _, original_3d = swap_slice_axis(np.zeros((0, 0, 0)), original_3d, slice_axis)
     if list(original_3d.shape_zyx) != list(geometry["original_shape_zyx"]):
         raise ValueError(f"Original image shape {original.shape_zyx} does not match the one this "
                          f"geometry was computed for {geometry['original_shape_zyx']}; pass the "
@@ -391,6 +423,8 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
                              is_label=not is_probability).astype(dtype, copy=False)
         if squeeze:
             restored = restored[..., None]
+    if slice_axis:
+        restored = np.ascontiguousarray(np.swapaxes(restored, 0, slice_axis))
     if geometry.get("input_ndim", 3) == 2:
         restored = restored[0]
     return restored

@@ -82,6 +82,10 @@ class Dataset:
         subject in the labeled / unlabeled stream, drawn with the split seed (labeled: among the
         slices whose label has foreground; unlabeled: among slices with image content); None =
         every slice (DMNet: one labeled and two unlabeled slices per patient).
+      slice_axis_zyx: the axis of the (z, y, x) arrays read from the files along which the
+        slices lie; preprocessing swaps it with axis 0 (images, label and geometry) and
+        `restore_geometry` swaps it back, so predictions keep the files' voxel order. 0 (the
+        default) = the files' own z; KiTS19 stores its axial slices along the files' x (2).
     """
 
     name: str
@@ -109,6 +113,7 @@ class Dataset:
     train_slices: int | None = None
     labeled_slices_per_subject: int | None = None
     unlabeled_slices_per_subject: int | None = None
+    slice_axis_zyx: int = 0
 
     @property
     def num_classes(self) -> int:
