@@ -18,6 +18,12 @@ Region targets (e.g. BraTS whole tumour / tumour core / enhancing tumour): one s
 "ce" is then the per-region binary cross-entropy (the default: "weighted_ce" without explicit
 region weights resolves to it, the U-Net comparator of SegAN), "dice" the soft Dice over every
 region, "dice_ce" their sum; `class_weights` weigh the regions.
+Network (`network`): "unet" (above, the default) or "segan": SegAN's segmentor
+(`networks.segan_nets`: 4×4 stride-2 encoder 64/128/256/512, leaky ReLU, batch norm on all but the
+first layer, ×2 resize + 3×3 conv decoder with skip connections; 2D only; `filters` are its
+encoder widths, the other U-Net fields are ignored) — with region data and the default loss, the
+U-Net comparator of SegAN (Xue et al., Neuroinformatics 2018): the same segmentor trained with
+the per-region sigmoid cross-entropy alone.
 Augmentation (`augment`): "none" or a "+"-joined subset of affine, elastic, flip, intensity
 (applied by the input pipeline, same draw for image and label) and mixup (applied here, in the
 train step, with λ ~ Beta(α, α), α = `mixup_alpha` = 0.2 as in the task-driven paper).
@@ -32,7 +38,7 @@ import tensorflow as tf
 from tfseg.data import augment as augment_lib
 from tfseg.losses import segmentation as losses
 from tfseg.methods.base import DataSpec, SegMethod, global_mean, probability_model
-from tfseg.networks import unet
+from tfseg.networks import segan_nets, unet
 
 # Few-shot 3D GAN reference code: class weights for brain tissues (iSEG / MRBrainS class names).
 BRAIN_TISSUE_CLASS_WEIGHTS = {"background": 0.33, "csf": 1.5, "gm": 0.83, "wm": 1.33}
@@ -45,6 +51,7 @@ class Config:
     Attributes:
       filters, norm, activation, pooling, upsampling: U-Net architecture (`networks.unet`);
         norm "batch" | "instance" | "weight" | "none", upsampling "bilinear" | "transpose".
+        network "segan" uses `filters` only (its encoder widths; default 64/128/256/512).
       loss: "ce" | "weighted_ce" | "dice" | "dice_ce".
       class_weights: per-class cross-entropy weights (weighted_ce, dice_ce); None = default.
       augment: "none" or e.g. "affine+elastic", "intensity", "mixup", "affine+mixup";
@@ -54,6 +61,7 @@ class Config:
       batch_size: labeled examples per (global) batch.
       steps: optimisation steps.
       validation_every: steps between validation rounds (best checkpoint selection).
+      network: "unet" | "segan" (SegAN's segmentor, 2D; see the module docstring).
     """
 
     filters: tuple[int, ...] | None = None
@@ -71,6 +79,7 @@ class Config:
     batch_size: int | None = None
     steps: int = 10000
     validation_every: int = 500
+    network: str = "unet"
 
 
 PRESETS = {
@@ -86,6 +95,9 @@ PRESETS = {
 # `augment="default"`: the conventional augmentation of the paper for the data's dimensionality.
 # 2D: the task-driven paper's affine augmentation; 3D: none (the few-shot GAN paper used none).
 DEFAULT_AUGMENT = {2: "affine", 3: "none"}
+
+# Segmentor networks: the U-Net, or SegAN's segmentor (the paper's U-Net comparator).
+NETWORKS = ("unet", "segan")
 
 # What this method trains for: exclusive classes and overlapping regions (one sigmoid each).
 TARGETS = ("classes", "regions")
@@ -114,6 +126,14 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     """
     paper = unet.PAPER_UNET_2D if data_spec.spatial_dims == 2 else unet.PAPER_UNET_3D
     values = dict(_DEFAULTS[data_spec.spatial_dims], filters=paper.filters)
+    if config.network not in NETWORKS:
+        raise ValueError(f"supervised: network={config.network!r}; choose one of "
+                         f"{list(NETWORKS)}.")
+    if config.network == "segan":
+        if type(config) is not Config or data_spec.spatial_dims != 2:
+            raise ValueError("network=segan is a setting of --method=supervised on 2D data "
+                             "(SegAN's segmentor is 2D); use network=unet here.")
+        values["filters"] = segan_nets.PAPER_FILTERS
     regions = data_spec.targets == "regions"
     if regions and config.loss == "weighted_ce" and config.class_weights is None:
         config = dataclasses.replace(config, loss="ce")  # per-region BCE: no class balance rule
@@ -166,7 +186,7 @@ class Supervised(SegMethod):
         terms = ("dice_loss", "ce_loss") if config.loss == "dice_ce" else ()
         super().__init__(config, data_spec, segmentor, labeled_batch_size=config.batch_size,
                          pipeline_augment=pipeline_augment(config, data_spec.spatial_dims),
-                         size_multiple=unet.size_multiple(network),
+                         size_multiple=segmentor_size_multiple(config),
                          loss_names=("loss", *terms, "seg_grad_norm"), **kwargs)
         self.network_config = network
         self.use_mixup = "mixup" in config.augment.lower().split("+")
@@ -216,15 +236,27 @@ class Supervised(SegMethod):
                           **{name: tf.reduce_mean(value) for name, value in terms.items()})
 
 
+def segmentor_size_multiple(config: Config) -> int:
+    """Spatial sizes the (resolved) config's segmentor accepts are multiples of this."""
+    if config.network == "segan":
+        return segan_nets.size_multiple(config.filters)
+    return unet.size_multiple(network_config(config))
+
+
 def build_segmentor(config: Config, data_spec: DataSpec) -> keras.Model:
-    """The U-Net of a (resolved or not) config: data_spec.num_outputs logits."""
+    """The U-Net (or SegAN segmentor) of a (resolved or not) config: data_spec.num_outputs
+    logits."""
     config = resolve(config, data_spec)
+    if config.network == "segan":
+        return segan_nets.build_segmentor(data_spec.input_shape, data_spec.num_outputs,
+                                          config.filters, name="segmentor")
     return unet.build_unet(data_spec.input_shape, data_spec.num_outputs, network_config(config),
                            name="segmentor")
 
 
 def build_predictor(config: Config, data_spec: DataSpec) -> keras.Model:
-    """The exported network alone (no optimizer, no other network): the U-Net's probabilities."""
+    """The exported network alone (no optimizer, no other network): the segmentor's
+    probabilities."""
     return probability_model(build_segmentor(config, data_spec), data_spec)
 
 
