@@ -22,10 +22,11 @@ unlabeled white-matter hyperintensities (bright in T2/FLAIR like oedema: intensi
 separate them from tumour). One glioma per subject, placed anywhere in the brain at least 12 mm
 inside its surface:
   - high grade (about 70%): an irregular enhancing rim (label 4, 2–5 mm) around a necrotic core
-    (label 1), inside peritumoral oedema (label 2) reaching 4–22 mm beyond the rim;
+    (label 1), inside peritumoral oedema (label 2) reaching 6–18 mm beyond the rim;
   - low grade: a non-enhancing core (label 1) with a thin oedema margin, no enhancement.
 Mass effect pushes the surrounding anatomy (ventricles, cortex) away from the lesion. Tumour size
-(core radius 5–17 mm), shape, texture and contrast vary per subject.
+(core radius 8–20 mm, whole tumour typically 20–120 cm³ as in BraTS), shape, texture and
+contrast vary per subject.
 
 Image formation: tissue intensities per modality (T1: WM > GM > CSF, the necrotic core dark;
 T1c: enhancing rim brightest; T2: CSF and oedema bright; FLAIR: CSF suppressed, oedema
@@ -56,7 +57,7 @@ from scipy import ndimage
 
 from tfseg.datasets import _synthetic, brats, folder as folder_lib
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_TRAINING = 16      # source, labeled
 NUM_TESTING = 8        # source, unlabeled (validation download, no seg)
 NUM_TARGET_LABELED = 4
@@ -121,7 +122,7 @@ def draw_subject(rng: np.random.Generator, high_grade: bool) -> dict[str, Any]:
         centre = direction * radius * (np.array(axes) - 12.0)
         if np.linalg.norm(centre[:2]) > 6.0:  # not on the midline ventricles
             break
-    core = u(5.0, 17.0) if high_grade else u(7.0, 17.0)
+    core = u(8.0, 20.0) if high_grade else u(10.0, 20.0)
     return {
         "axes": axes, "shift": tuple(u(-3, 3, 3)), "angle": u(-0.12, 0.12),
         "cortex": u(2.5, 3.5), "extra_axial": u(1.0, 2.0),
@@ -130,8 +131,8 @@ def draw_subject(rng: np.random.Generator, high_grade: bool) -> dict[str, Any]:
                 for _ in range(int(rng.integers(1, 5)))],
         "high_grade": bool(high_grade), "centre": tuple(float(c) for c in centre),
         "core": core, "rim": u(2.0, 5.0),
-        "oedema": u(4.0, 22.0) if high_grade else u(2.0, 8.0),
-        "irregularity": u(0.15, 0.35), "mass_effect": u(0.3, 0.6),
+        "oedema": u(6.0, 18.0) if high_grade else u(3.0, 10.0),
+        "irregularity": u(0.1, 0.25), "mass_effect": u(0.3, 0.6),
         "contrast_jitter": u(0.92, 1.08, (8, 4)), "tumour_texture": u(0.03, 0.08),
         "scale": tuple(u(300, 900, 4)),
     }
@@ -154,10 +155,10 @@ def render_subject(rng: np.random.Generator, p: Mapping[str, Any], domain: Domai
     cx, cy, cz = (c + s for c, s in zip(p["centre"], p["shift"]))
     dx, dy, dz = x - cx, y - cy, z - cz
     r = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
-    bumps = 1.0 + p["irregularity"] * smooth(8.0)
+    bumps = 1.0 + p["irregularity"] * np.clip(smooth(8.0), -1.5, 1.5)
     core_d = p["core"] * bumps - r                               # > 0 inside the core
     outer = p["core"] + p["oedema"]
-    oedema_d = outer * (1.0 + 1.6 * p["irregularity"] * smooth(10.0)) - r
+    oedema_d = outer * (1.0 + 1.6 * p["irregularity"] * np.clip(smooth(10.0), -1.5, 2.0)) - r
 
     # Mass effect: anatomy at x is read from a point pulled towards the tumour centre.
     push = p["mass_effect"] * p["core"] * np.exp(-(r / (2.5 * p["core"])) ** 2)
