@@ -47,6 +47,10 @@ flags.DEFINE_list("methods", None, "Comma-separated methods, e.g. supervised,sel
                   "label=method adds a method again under another name for its own --set, e.g. "
                   "Aff=supervised,RDRI=supervised,task_aug.", **_F)
 flags.DEFINE_list("labeled", None, "Comma-separated numbers of labeled subjects, e.g. 1,3.", **_F)
+flags.DEFINE_list("labeled_fraction", None, "Instead of --labeled: fractions of the training "
+                  "patients labeled in a patient-level 7:1:2 split, e.g. 0.1,0.3 (DMNet's "
+                  "protocol; converted to numbers of labeled patients from the dataset's "
+                  "annotated patients).", **_F)
 flags.DEFINE_integer("repeats", 3, "Labeled draws (and seeds) per number of labeled subjects.",
                      **_F)
 flags.DEFINE_string("out", None, "Study folder: runs/, study.md, study.json, plots/.", **_F)
@@ -77,6 +81,30 @@ flags.DEFINE_boolean("aggregate_only", False, "Only rewrite the reports from fin
                      **_F)
 
 
+def fraction_budgets(dataset_name, data_dir, options, fractions, num_val=None, num_test=None):
+    """(labeled counts, num_val, num_test) of `splits.fraction_counts` for each fraction, from
+    the number of annotated patients the dataset lists (no preprocessing needed).
+
+    Raises:
+      ValueError: for a bad fraction, an unreadable dataset folder, or two fractions giving
+        the same number of labeled patients.
+    """
+    from tfseg.data.splits import fraction_counts
+    from tfseg.datasets import get_dataset
+
+    dataset = get_dataset(dataset_name, **options)
+    folder = dataset.prepare(data_dir)
+    subjects = dataset.resolve(folder).list_subjects(folder)
+    pool = len({s.patient_id for s in subjects if s.labeled})
+    counts = [fraction_counts(pool, f, num_val, num_test) for f in fractions]
+    labeled = tuple(c[0] for c in counts)
+    if len(set(labeled)) != len(labeled):
+        raise ValueError(f"--labeled_fraction={','.join(map(str, fractions))} gives the same "
+                         f"number of labeled patients twice ({labeled}) for {pool} annotated "
+                         "patients; choose fractions further apart.")
+    return labeled, counts[0][1], counts[0][2]
+
+
 def main(argv) -> int:
     _common.setup_environment()
     _common.parse_flags(FLAGS, argv, PROGRAM)
@@ -84,9 +112,11 @@ def main(argv) -> int:
     from tfseg.datasets import available_datasets
     from tfseg.methods import available_methods
 
-    for flag in ("dataset", "methods", "labeled", "out"):
+    for flag in ("dataset", "methods", "out"):
         if not FLAGS[flag].value:
             _common.fail(PROGRAM, f"--{flag} is required (see --help).")
+    if bool(FLAGS.labeled) == bool(FLAGS.labeled_fraction):
+        _common.fail(PROGRAM, "give either --labeled=N,... or --labeled_fraction=F,... (one).")
     if FLAGS.dataset not in available_datasets():
         _common.fail(PROGRAM, f"unknown --dataset={FLAGS.dataset}. Available: "
                               f"{', '.join(available_datasets())}.")
@@ -99,11 +129,12 @@ def main(argv) -> int:
     if unknown:
         _common.fail(PROGRAM, f"unknown method(s) {', '.join(unknown)} in --methods. Available: "
                               f"{', '.join(available_methods())}.")
-    try:
-        labeled = tuple(int(n) for n in FLAGS.labeled)
-    except ValueError:
-        _common.fail(PROGRAM, f"--labeled={','.join(FLAGS.labeled)}: expected integers, e.g. "
-                              "--labeled=1,3.")
+    if FLAGS.labeled:
+        try:
+            labeled = tuple(int(n) for n in FLAGS.labeled)
+        except ValueError:
+            _common.fail(PROGRAM, f"--labeled={','.join(FLAGS.labeled)}: expected integers, e.g. "
+                                  "--labeled=1,3.")
     compare = []
     for item in FLAGS.compare:
         pair = tuple(p.strip() for p in item.split(":"))
@@ -114,6 +145,16 @@ def main(argv) -> int:
     dataset_options = {**_common.parse_options(FLAGS.dataset_option, PROGRAM, "--dataset_option"),
                        **({"phase": FLAGS.phase} if FLAGS.phase else {})}
     target_options = _common.parse_options(FLAGS.target_option, PROGRAM, "--target_option")
+    num_val, num_test = FLAGS.num_val, FLAGS.num_test
+    if FLAGS.labeled_fraction:
+        try:
+            labeled, num_val, num_test = fraction_budgets(
+                FLAGS.dataset, FLAGS.data_dir, dataset_options,
+                [float(f) for f in FLAGS.labeled_fraction], num_val, num_test)
+        except ValueError as error:
+            _common.fail(PROGRAM, str(error))
+        _print(f"--labeled_fraction={','.join(FLAGS.labeled_fraction)}: "
+               f"{', '.join(map(str, labeled))} labeled patients; {num_val} val, {num_test} test.")
     if FLAGS.target_dataset and FLAGS.target_dataset not in available_datasets():
         _common.fail(PROGRAM, f"unknown --target_dataset={FLAGS.target_dataset}. Available: "
                               f"{', '.join(available_datasets())}.")
@@ -127,7 +168,7 @@ def main(argv) -> int:
             target_dataset_options=target_options,
             preset=FLAGS.preset, overrides=overrides, compare=tuple(compare),
             baseline=FLAGS.baseline, steps=FLAGS.steps, validation_every=FLAGS.validation_every,
-            n4=FLAGS.n4, num_val=FLAGS.num_val, num_test=FLAGS.num_test,
+            n4=FLAGS.n4, num_val=num_val, num_test=num_test,
             records_root=FLAGS.records_root, preprocess_workers=FLAGS.preprocess_workers,
             seed=FLAGS.seed, export=FLAGS.export, min_pairs=FLAGS.min_pairs,
             draws=FLAGS.draws)

@@ -614,6 +614,10 @@ def test_cli_errors_before_anything_runs(tmp_path, capsys):
           "--target_option=phase=ES"], r"--target_option need --target_dataset"),
         (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
           "--dataset_option=oops"], r"--dataset_option='oops': expected"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised", "--labeled=1",
+          "--labeled_fraction=0.1"], r"either --labeled=N,... or --labeled_fraction"),
+        (["--dataset=synthetic_cardiac", "--methods=supervised"],
+         r"either --labeled=N,... or --labeled_fraction"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -845,3 +849,15 @@ def test_synthetic_study_killed_then_resumed(tmp_path, capsys):
     with open(out / "study.md", encoding="utf-8") as f:
         assert "![Dice vs labeled subjects](plots/label_efficiency.png)" in f.read()
     assert (out / "plots" / "boxplot_l1.png").is_file()
+
+
+def test_labeled_fractions_become_budgets_of_the_7_1_2_split(tmp_path):
+    """--labeled_fraction: counted from the annotated patients the dataset lists."""
+    from tests.test_regions import write_brats2018
+
+    data = str(tmp_path / "brats")
+    write_brats2018(data, num_hgg=20, num_lgg_unlabeled=2, shape_zyx=(1, 4, 4))
+    # 20 annotated: test 4, val 2, 14 training -> 10%: 1, 30%: 4, 100%: 14
+    assert study_cli.fraction_budgets("brats", data, {}, [0.1, 0.3, 1.0]) == ((1, 4, 14), 2, 4)
+    with pytest.raises(ValueError, match="same number of labeled patients twice"):
+        study_cli.fraction_budgets("brats", data, {}, [0.1, 0.05])  # both 1 patient
