@@ -122,3 +122,12 @@ def test_train_with_labeled_fraction_and_the_target_domain(generated, tmp_path):
     with open(os.path.join(run_dir, "target", "summary.json")) as f:
         target_summary = json.load(f)
     assert target_summary["domain"] == "target" and target_summary["num_subjects"] >= 1
+
+
+def test_generator_version_enters_the_records_fingerprint():
+    from preprocessing.config import dataset_facts
+    from tfseg.datasets import synthetic_tumor
+
+    for domain in ("source", "target"):
+        facts = dataset_facts(get_dataset("synthetic_tumor", domain=domain, target="binary"))
+        assert facts["content_version"] == synthetic_tumor.GENERATOR_VERSION

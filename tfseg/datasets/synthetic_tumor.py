@@ -400,7 +400,7 @@ def make_dataset(domain: str = "source", target: str = "regions",
         # The synthetic grid (2 mm, 80 x 80) unless a protocol sets the geometry.
         own_geometry = brats_options.get("protocol", "default") == "default"
         fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)
-                  if f.name != "name" and not (own_geometry and f.name in (
+                  if f.name not in ("name", "content_version") and not (own_geometry and f.name in (
                       "target_spacing_xy", "crop_size_yx"))}
         return SyntheticTumorSource(**fields, **counts)
     if brats_options:
