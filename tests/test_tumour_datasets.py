@@ -331,7 +331,7 @@ def write_kits19(root, labeled=(0, 1), unlabeled=(210,), slices=4, size=12):
         axial = np.zeros((slices, size, size), np.uint8)    # (slice, row, col)
         axial[1:, (rows > 2) & (rows < 9) & (cols > 1) & (cols < 5)] = 1          # kidney
         axial[2:, (rows > 4) & (rows < 7) & (cols > 2) & (cols < 4)] = 2          # tumour
-        ct = np.where(axial > 0, 150.0 + 40.0 * axial, -60.0) + 5.0 * number
+        ct = np.where(axial > 0, 150.0 + 40.0 * axial, -60.0) + 5.0 * (number % 5)
         case_dir = os.path.join(data, f"case_{number:05d}")
         write_image(np.transpose(ct, (2, 1, 0)).astype(np.float32), meta,
                     os.path.join(case_dir, "imaging.nii.gz"))
