@@ -204,6 +204,15 @@ def fingerprint(dataset: Dataset, dataset_options: Mapping[str, Any] | None,
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def records_dir(records_root: str, dataset_name: str, fingerprint_hex: str) -> str:
-    """`<records_root>/<dataset>/<fingerprint>`: where a dataset's records live by default."""
-    return os.path.join(records_root, dataset_name, fingerprint_hex)
+def records_dir(records_root: str, dataset_name: str, fingerprint_hex: str,
+                data_dir: str | None = None) -> str:
+    """Where a dataset's records live by default: `<records_root>/<dataset>/<fingerprint>`, and
+    with the data folder `<fingerprint>-<sha256 of its absolute path, 8 hex>`, so two data
+    folders of one dataset (e.g. a copy with edited labels, or another site's scans with the
+    same case ids) never share records."""
+    if data_dir is None:
+        return os.path.join(records_root, dataset_name, fingerprint_hex)
+    import hashlib
+
+    where = hashlib.sha256(os.path.abspath(os.path.expanduser(data_dir)).encode()).hexdigest()
+    return os.path.join(records_root, dataset_name, f"{fingerprint_hex}-{where[:8]}")

@@ -2,9 +2,12 @@
 
 - Parallel over subjects (`workers` spawned processes, one subject at a time each, so memory is
   bounded by one subject per worker); SimpleITK runs single-threaded inside each worker.
-- Resumable: a subject whose shard exists with the sha256 recorded in the manifest is not redone;
-  temporary files of killed runs are removed; the parent process rewrites the manifest
-  atomically after every finished subject.
+- Resumable: a subject whose shard exists with the sha256 recorded in the manifest, and whose
+  input files are those it was made from (`input_signature`: path, size, modification time and
+  sha256 of every image and label file, recorded in its entry), is not redone; a changed,
+  replaced or moved input, or an entry without a signature, is redone. Temporary files of
+  killed runs are removed; the parent process rewrites the manifest atomically after every
+  finished subject.
 - Shardable over machines: subject i (in subject-id order) belongs to machine
   `i % num_shards`; see `writer` for how their manifests are merged.
 - A subject that cannot be read or fails a check is skipped with a reason naming the file and the
@@ -128,6 +131,7 @@ def process_subject(subject: Subject, dataset: Dataset, config: PreprocessConfig
       ValueError: for bad input (see `read_subject` and `preprocess_volume`).
     """
     start = time.perf_counter()
+    inputs = input_signature(subject)  # before reading: a file changed meanwhile is redone
     images, metas, label, _ = read_subject(subject, dataset)
     processed = preprocess_volume(images, metas, label, dataset, config,
                                   sources=subject.image_paths, label_source=subject.label_path)
@@ -143,7 +147,55 @@ def process_subject(subject: Subject, dataset: Dataset, config: PreprocessConfig
         "shape_zyx": list(processed.image.shape[:3]), "original": metas[0].to_dict(),
         "geometry": processed.geometry,
         "num_patch_corners": 0 if processed.patch_corners is None else len(processed.patch_corners),
-        "intensity": stats, "seconds": seconds, "extra": dict(subject.extra)})
+        "intensity": stats, "seconds": seconds, "extra": dict(subject.extra),
+        "inputs": inputs})
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_signature(subject: Subject, with_hash: bool = True) -> list[dict[str, Any]]:
+    """What a subject's shard is made from: per input file (images, then the label) its absolute
+    path, size, modification time (ns) and, with `with_hash`, content sha256. A missing file
+    has size -1."""
+    files = [*subject.image_paths, *([subject.label_path] if subject.label_path else [])]
+    signature = []
+    for path in files:
+        path = os.path.abspath(path)
+        try:
+            info = os.stat(path)
+        except OSError:
+            signature.append({"path": path, "size": -1})
+            continue
+        item = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        if with_hash:
+            item["sha256"] = _file_sha256(path)
+        signature.append(item)
+    return signature
+
+
+def inputs_unchanged(subject: Subject, entry: Mapping[str, Any]) -> bool:
+    """Whether `entry` (a manifest entry) was made from `subject`'s current input files.
+
+    Same paths and sizes, and either the same modification times (cheap) or, when only those
+    differ (a copy, a touch), the same content hashes."""
+    recorded = entry.get("inputs")
+    if not recorded:
+        return False  # made before inputs were recorded: provenance unknown, redo
+    current = input_signature(subject, with_hash=False)
+    if [(r.get("path"), r.get("size")) for r in recorded] != [
+            (c["path"], c["size"]) for c in current] or any(c["size"] < 0 for c in current):
+        return False
+    if all(r.get("mtime_ns") == c["mtime_ns"] for r, c in zip(recorded, current)):
+        return True
+    return all(r.get("sha256") == _file_sha256(c["path"]) for r, c in zip(recorded, current))
 
 
 def _run_one(subject: Subject, dataset: Dataset, config: PreprocessConfig, out_dir: str
@@ -235,8 +287,9 @@ def _recorded_entries(out_dir: str, manifest_path: str, fingerprint_hex: str, da
                              f"{previous['fingerprint']}, these settings give "
                              f"{fingerprint_hex}). Use another --out_dir or delete this one.")
         if os.path.abspath(data_dir) != previous.get("data_dir"):
-            logging.warning("%s was built from %s; now reading %s. Shards already there are "
-                            "kept.", path, previous.get("data_dir"), os.path.abspath(data_dir))
+            logging.warning("%s was built from %s; now reading %s: subjects whose input files "
+                            "differ are redone.", path, previous.get("data_dir"),
+                            os.path.abspath(data_dir))
         known.update(previous["subjects"])
     return known
 
@@ -292,14 +345,21 @@ def run_preprocessing(dataset: Dataset, data_dir: str | None, out_dir: str,
         **dataset_facts(dataset), "data_dir": os.path.abspath(data_dir),
         "num_shards": num_shards, "shard_index": shard_index, "num_subjects": len(selected),
         "complete": False, "subjects": {}, "skipped": {}}
-    already_done, todo = [], []
+    already_done, todo, changed = [], [], []
     for subject in selected:
         entry = known.get(subject.subject_id)
         if entry is not None and writer.shard_is_intact(out_dir, entry):
-            manifest["subjects"][subject.subject_id] = entry
-            already_done.append(subject.subject_id)
-        else:
-            todo.append(subject)
+            if inputs_unchanged(subject, entry):
+                manifest["subjects"][subject.subject_id] = entry
+                already_done.append(subject.subject_id)
+                continue
+            changed.append(subject.subject_id)
+        todo.append(subject)
+    if changed:
+        logging.warning("%d subject(s) have input files that differ from those their records "
+                        "were made from (edited, replaced, another data folder, or records "
+                        "older than this check) and are redone: %s", len(changed),
+                        ", ".join(changed))
 
     gone = sorted(set(known) - {s.subject_id for s in subjects})
     if gone:
@@ -369,8 +429,9 @@ def preprocess_dataset(dataset: Dataset, data_dir: str | None,
                        dataset_options: Mapping[str, Any] | None = None) -> str:
     """Makes sure the dataset's records exist and returns their folder ("preprocess on first use").
 
-    The default folder is `records_dir(records_root, dataset.name, fingerprint)`. When every
-    shard is already there and intact, nothing is recomputed.
+    The default folder is `records_dir(records_root, dataset.name, fingerprint, data_dir)` (one
+    per settings and data folder). When every shard is already there, intact and made from the
+    current input files, nothing is recomputed.
 
     Returns:
       The records folder.
@@ -385,7 +446,7 @@ def preprocess_dataset(dataset: Dataset, data_dir: str | None,
     list_checked_subjects(dataset, data_dir)
     if out_dir is None:
         out_dir = records_dir(records_root, dataset.name,
-                              fingerprint(dataset, dataset_options, config))
+                              fingerprint(dataset, dataset_options, config), data_dir)
     run_preprocessing(dataset, data_dir, out_dir, config, workers=workers, num_shards=num_shards,
                       shard_index=shard_index, allow_skips=allow_skips,
                       dataset_options=dataset_options)

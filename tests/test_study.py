@@ -822,7 +822,8 @@ def test_synthetic_study_killed_then_resumed(tmp_path, capsys):
 
     dataset = get_dataset("synthetic_cardiac")
     expected = records_dir(str(tmp_path / "records"), dataset.name,
-                           fingerprint(dataset, {}, PreprocessConfig(n4=False)))
+                           fingerprint(dataset, {}, PreprocessConfig(n4=False)),
+                           dataset.prepare(None))
     assert sorted(os.listdir(tmp_path / "records" / dataset.name)) == sorted(
         [os.path.basename(expected), "splits"])
     for run in result["runs"]:

@@ -341,6 +341,12 @@ def resolve_records(config, dataset) -> str:
             raise ValueError(f"Records {config.records_dir} are of dataset "
                              f"{manifest.get('dataset')!r}, not {config.dataset!r}; pass the "
                              "matching --dataset or another --records_dir.")
+        if config.data_dir and manifest.get("data_dir") and os.path.abspath(
+                dataset.prepare(config.data_dir)) != manifest["data_dir"]:
+            raise ValueError(f"Records {config.records_dir} were made from "
+                             f"{manifest['data_dir']}, not from --data_dir={config.data_dir}; "
+                             "drop --records_dir (records are then made for this folder) or "
+                             "--data_dir.")
         return config.records_dir
     from preprocessing.config import PreprocessConfig
     from preprocessing.runner import preprocess_dataset
