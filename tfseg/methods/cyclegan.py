@@ -98,7 +98,7 @@ PRESETS = {
     # `python -m launch.train --method=cyclegan --dataset=synthetic_tumor --target_dataset=synthetic_tumor --target_option=domain=target --preset=quick`:
     # 64² crops, f=16, 3 blocks, batch 4: see docs/results/mixmatch.md (translators only, no Dice).
     "quick": {"generator_filters": 16, "discriminator_filters": 16, "residual_blocks": 3,
-              "gan_batch_size": 4, "crop_size": 64, "steps": 600, "validation_every": 100},
+              "gan_batch_size": 4, "crop_size": 64, "steps": 400, "validation_every": 100},
 }
 
 SPATIAL_DIMS = (2,)

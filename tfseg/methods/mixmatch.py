@@ -93,10 +93,10 @@ PRESETS = {
     # the paper's settings (Config defaults; CycleGAN at full size). Not run on 2 cores.
     "paper": {},
     # same command with --preset=quick: see docs/results/mixmatch.md for runtimes and target Dice.
-    "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 8,
-              "steps": 600, "validation_every": 100, "generator_filters": 16,
+    "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
+              "steps": 300, "validation_every": 100, "generator_filters": 16,
               "discriminator_filters": 16, "residual_blocks": 3, "gan_batch_size": 4,
-              "crop_size": 64, "gan_steps": 400},
+              "crop_size": 64, "gan_steps": 200},
 }
 
 SPATIAL_DIMS = (2,)
