@@ -101,7 +101,7 @@ PRESETS = {
     # `python -m launch.train --method=segan --preset=quick --dataset=synthetic_tumor
     # --dataset_option=modalities=t1ce,t2,flair --labeled=3`: see docs/results/segan.md.
     "quick": {"filters": (16, 32, 64, 128), "batch_size": 8, "learning_rate": 1e-3,
-              "steps": 600, "validation_every": 100},
+              "steps": 400, "validation_every": 100},
 }
 
 
