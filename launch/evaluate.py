@@ -4,7 +4,8 @@
     python -m launch.evaluate --run_dir=... --split=val --flip_tta --tile_batch=8
 
 Writes metrics.csv (subject x class), summary.json, summary.md and predictions/<subject>_seg.nii.gz
-(original geometry and label values) into the run folder, and prints the summary.
+(original geometry and label values) into the run folder, and prints the summary. Also writes
+overlays/dice<mean>_<subject>.png montages (--nooverlays: not) and the run's page report.html.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ flags.DEFINE_enum("domain", "source", ["source", "target"], "Which data domain o
                   "source (its labeled dataset) or target (its --target_dataset; reports go to "
                   "<run_dir>/target/).", **_F)
 flags.DEFINE_boolean("write_predictions", True, "Write predictions/<subject>_seg.nii.gz.", **_F)
+flags.DEFINE_boolean("overlays", True, "Write overlays/dice<mean>_<subject>.png montages "
+                     "(--nooverlays: skip them; report.html is written either way).", **_F)
 
 
 def main(argv) -> int:
@@ -45,7 +48,8 @@ def main(argv) -> int:
         summary = evaluate_run(FLAGS.run_dir, split=FLAGS.split, flip_tta=FLAGS.flip_tta,
                                write_predictions=FLAGS.write_predictions,
                                tile_batch=FLAGS.tile_batch, tile_size_zyx=tile,
-                               overlap=FLAGS.overlap, domain=FLAGS.domain)
+                               overlap=FLAGS.overlap, domain=FLAGS.domain,
+                               overlays=FLAGS.overlays)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     print_summary(summary)
@@ -76,7 +80,7 @@ def print_summary(summary) -> None:
         cells = "  ".join(f"{stats[m]['mean']:>7.3f} ± {stats[m]['std']:<5.3f}"
                           for m in ("dice", "iou", "hd95_mm", "asd_mm"))
         print(f"  {name:<{width}}  {cells}")
-    print(f"Reports: {summary.get('run_dir', '')}/summary.md, metrics.csv")
+    print(f"Reports: {summary.get('run_dir', '')}/summary.md, metrics.csv, report.html")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 --input: one scan file (a multi-channel file supplies every modality), comma-separated files in
 the model's modality order (see assets/preprocessing.json), a DICOM series folder, or, with
 --dataset, a folder in that dataset's public layout (every subject found is predicted). Writes
-<output>/<subject>_seg.nii.gz with the dataset's label values.
+<output>/<subject>_seg.nii.gz with the dataset's label values (and, with --overlays, the
+montage <output>/<subject>_overlay.png).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ flags.DEFINE_integer("tile_batch", 4, "Slices (2D) or sliding-window tiles (3D) 
 flags.DEFINE_boolean("flip_tta", False, "Average the probabilities over in-plane flips.", **_F)
 flags.DEFINE_list("tile_size", None, "3D sliding-window tile D,H,W (default: the export's "
                   "tile_size_zyx, the training patch grown within 128^3 voxels).", **_F)
+flags.DEFINE_boolean("overlays", False, "Also write <subject>_overlay.png beside each "
+                     "prediction: its contours on evenly spaced slices of the scan.", **_F)
 flags.DEFINE_float("overlap", None, "3D sliding-window overlap in [0, 1) (default: the "
                    "export's, 0.5).", **_F)
 
@@ -59,7 +62,7 @@ def main(argv) -> int:
         written = predict_inputs(FLAGS.model, FLAGS.input, FLAGS.output,
                                  dataset_name=FLAGS.dataset, tile_batch=FLAGS.tile_batch,
                                  flip_tta=FLAGS.flip_tta, tile_size_zyx=tile,
-                                 overlap=FLAGS.overlap)
+                                 overlap=FLAGS.overlap, overlays=FLAGS.overlays)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     for path in written:

@@ -12,7 +12,9 @@ and compute Dice, IoU, HD95/ASD in mm, precision and recall at the native spacin
   policy, flip TTA, tile size, empty-mask policy);
 - `summary.md`: the same as GitHub tables;
 - `predictions/<subject>_seg.nii.gz`: the predicted label map on the original grid, with the
-  dataset's original label values (e.g. iSEG 10/150/250).
+  dataset's original label values (e.g. iSEG 10/150/250);
+- `overlays/dice<mean>_<subject>.png` (worst subject first by name; `tfseg.visualize`) and the
+  run's page `<run_dir>/report.html` (`tfseg.report_html`).
 
 The background class is not reported: its Dice is dominated by the image size.
 """
@@ -68,7 +70,7 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
                  write_predictions: bool = True, subject_ids: Sequence[str] | None = None, *,
                  tile_batch: int = 4, tile_size_zyx: Sequence[int] | None = None,
                  overlap: float = 0.5, domain: str = "source",
-                 out_dir: str | None = None) -> dict[str, Any]:
+                 out_dir: str | None = None, overlays: bool = True) -> dict[str, Any]:
     """Evaluates a run's predictor on a split, in original geometry; writes the reports.
 
     Args:
@@ -86,6 +88,8 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
         and split).
       out_dir: where the reports and predictions go; default the run folder for the source
         domain, `<run_dir>/target/` for the target domain.
+      overlays: also write `overlays/dice<mean>_<subject>.png` montages (`tfseg.visualize`).
+        Either way `<run_dir>/report.html` is (re)written (`tfseg.report_html`).
 
     Returns:
       The summary dict also written to `summary.json`.
@@ -97,7 +101,9 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
     from preprocessing import restore_geometry  # lazy: TF and the methods load only here
     from tfseg.data.pipeline import load_subject, subject_ids_for
     from tfseg.inference import predict_volume, suggest_tile_size
+    from tfseg.report_html import write_run_report
     from tfseg.run import CONFIG_NAME, load_run
+    from tfseg.visualize import OVERLAYS_DIR, evaluation_overlays
 
     started = time.perf_counter()
     run = load_run(run_dir, domain)
@@ -142,7 +148,9 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
     predictions_dir = os.path.join(out_dir, "predictions") if write_predictions else None
     rows, per_subject = evaluate_volumes(
         subjects, predict, data_spec=run.data_spec, label_values=run.label_values,
-        raw_to_class=run.raw_to_class, predictions_dir=predictions_dir)
+        raw_to_class=run.raw_to_class, predictions_dir=predictions_dir,
+        on_subject=evaluation_overlays(os.path.join(out_dir, OVERLAYS_DIR), manifest,
+                                       run.data_spec.reported_names) if overlays else None)
     protocol = {"run_dir": os.path.abspath(run_dir),
                 "dataset": manifest.get("dataset", run.config.get("dataset")),
                 "method": run.config.get("method"), "domain": domain,
@@ -155,13 +163,15 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
                         extra=protocol)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     write_reports(out_dir, rows, summary)
+    write_run_report(run_dir)
     return summary
 
 
 def evaluate_volumes(subjects: Sequence[EvalSubject],
                      predict: Callable[[EvalSubject], np.ndarray], *,
                      data_spec: DataSpec, label_values: Sequence[int],
-                     raw_to_class: Mapping[int, int], predictions_dir: str | None = None
+                     raw_to_class: Mapping[int, int], predictions_dir: str | None = None,
+                     on_subject: Callable[..., None] | None = None
                      ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Scores predictions against the original label files (the core of `evaluate_run`).
 
@@ -177,6 +187,9 @@ def evaluate_volumes(subjects: Sequence[EvalSubject],
       raw_to_class: raw label file value -> class index.
       predictions_dir: write `<subject>_seg.nii.gz` there (original geometry and label values;
         regions painted back into label values, `DataSpec.label_map`).
+      on_subject: called as on_subject(subject, prediction_masks, truth_masks, record) after
+        each subject is scored (masks (z, y, x, N) bool of the reported names; record: its
+        per-subject dict), e.g. `tfseg.visualize.evaluation_overlays`.
 
     Returns:
       (rows, per_subject): one row per subject x reported class/region with `METRIC_NAMES`; and
@@ -232,6 +245,8 @@ def evaluate_volumes(subjects: Sequence[EvalSubject],
         record["auc"] = float(np.mean(aucs)) if aucs else None
         seconds = time.perf_counter() - started
         record["seconds"] = round(seconds, 2)
+        if on_subject is not None:
+            on_subject(subject, pred_masks, truth_masks, record)
         per_subject[subject.subject_id] = record
         logging.info("[%d/%d] %s  Dice %s  %.1f s", position, len(subjects), subject.subject_id,
                      "  ".join(f"{name}={record[name]['dice']:.3f}" for name in names), seconds)

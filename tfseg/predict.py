@@ -282,9 +282,10 @@ def predict_scan(model: ExportedModel, scan: Scan, *, tile_batch: int = 4,
 
 def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
                    dataset_name: str | None = None, tile_batch: int = 4, flip_tta: bool = False,
-                   tile_size_zyx: Sequence[int] | None = None, overlap: float | None = None
-                   ) -> list[str]:
-    """Predicts every scan of `input_spec` and writes `<output_dir>/<subject>_seg.nii.gz`.
+                   tile_size_zyx: Sequence[int] | None = None, overlap: float | None = None,
+                   overlays: bool = False) -> list[str]:
+    """Predicts every scan of `input_spec` and writes `<output_dir>/<subject>_seg.nii.gz`
+    (and, with `overlays`, its montage `<subject>_overlay.png`, `tfseg.visualize`).
 
     A scan that fails (unreadable file, wrong modalities...) does not stop the others: every
     other scan is written first, then the failures are raised together.
@@ -315,9 +316,25 @@ def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
         path = os.path.join(output_dir, f"{scan.subject_id}_seg.nii.gz")
         write_label_map(classes, meta, model.assets["label_values"], path)
         written.append(path)
+        if overlays:
+            written.append(_write_overlay(model, scan, classes, output_dir))
         logging.info("[%d/%d] %s -> %s  %.1f s", position, len(scans), scan.subject_id, path,
                      time.perf_counter() - started)
     if failures:
         raise ValueError(f"{len(failures)} of {len(scans)} scans failed (the other "
-                         f"{len(written)} were written to {output_dir}): " + "; ".join(failures))
+                         f"{len(scans) - len(failures)} were written to {output_dir}): " + "; ".join(failures))
     return written
+
+
+def _write_overlay(model: ExportedModel, scan: Scan, classes: np.ndarray, output_dir: str
+                   ) -> str:
+    """`<output_dir>/<subject>_overlay.png`: the prediction's contours on the scan."""
+    from tfseg.visualize import display_channel, write_prediction_overlay
+
+    images, metas, _ = read_scan(scan, model)
+    channel = display_channel(model.modalities)
+    return write_prediction_overlay(
+        os.path.join(output_dir, f"{scan.subject_id}_overlay.png"), scan.subject_id,
+        images[channel], metas[channel].spacing_zyx, model.data_spec.reported_names,
+        model.data_spec.target_masks(classes), slice_axis=model.dataset.slice_axis_zyx,
+        note=f"image: {model.modalities[channel]}")

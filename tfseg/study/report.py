@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tfseg._files import atomic_path, write_json_atomic, write_text_atomic
+from tfseg.report_html import REPORT_NAME, write_study_page
 from tfseg.study.plan import (RunSpec, StudyConfig, method_fields, plan_study, split_overrides,
                               target_request)
 from tfseg.study.runs import (MEAN_CLASS, METRICS, is_complete, read_request,
@@ -42,6 +43,7 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
                      "split_seed": seed, "seed": seed,
                      "run_dir": os.path.relpath(spec.run_dir, config.out_dir),
                      "complete": is_complete(spec.run_dir), "seconds": record.get("seconds"),
+                     "report": os.path.isfile(os.path.join(spec.run_dir, REPORT_NAME)),
                      "mean_dice": None, "labeled_subjects": run_labeled_subjects(spec.run_dir)})
     names, values, results, comparisons = _domain_results(config, specs, runs, "")
     target = None
@@ -73,6 +75,7 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
     result["plots"] = write_plots(result, values, config.out_dir) if names else {}
     write_json_atomic(os.path.join(config.out_dir, "study.json"), result, default=str)
     write_text_atomic(os.path.join(config.out_dir, "study.md"), study_markdown(result))
+    write_study_page(result, config.out_dir)  # study.html: links every run's report.html
     return result
 
 
@@ -229,9 +232,10 @@ def study_markdown(result: Mapping[str, Any]) -> str:
             dice += (" | —" if r.get("target_mean_dice") is None
                      else f" | {r['target_mean_dice']:.4f}")
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        folder = (f"[{r['run_dir']}]({r['run_dir']}/{REPORT_NAME})" if r.get("report")
+                  else r["run_dir"])  # linked to the run's page when it has one
         lines.append(f"| {r['method']} | {r['labeled']} | {r['repeat']} | {r['seed']} | "
-                     f"{'yes' if r['complete'] else 'no'} | {dice} | {seconds} | "
-                     f"{r['run_dir']} |")
+                     f"{'yes' if r['complete'] else 'no'} | {dice} | {seconds} | {folder} |")
     return "\n".join(lines) + "\n"
 
 
