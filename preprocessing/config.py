@@ -17,7 +17,7 @@ from tfseg.data.spec import resolve_regions
 from tfseg.datasets.base import Dataset
 
 # Bump when the algorithm changes in a way that changes the written arrays.
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2
 
 # 3D patch grid when neither the config nor the dataset names one (docs/datasets.md: 32³, stride 8).
 DEFAULT_PATCH_SIZE_ZYX = (32, 32, 32)

@@ -14,9 +14,12 @@ Choices (documented here because they decide what the network sees):
   (linear for images, nearest for labels; edge voxels extrapolate from the nearest voxel), then
   centre cropped/padded to the crop size. Image padding uses each channel's minimum normalised
   value (its background level), label padding 0.
-- Slice axis: a dataset whose files hold the slices along another array axis
-  (`Dataset.slice_axis_zyx`, e.g. KiTS19 along x) has that axis swapped with z first (images,
-  label and geometry); `restore_geometry` swaps it back, so predictions keep the files' order.
+- Orientation: every 3D scan is first permuted/flipped (exactly, no resampling) to one
+  canonical voxel order, x → left, y → posterior, z → superior, with the 2D slice axis chosen
+  from the geometry (see `canonical_transform`; `Dataset.slice_axis_zyx` fixes it for files
+  whose headers misstate the axes, e.g. KiTS19); `restore_geometry` undoes it, so predictions
+  are written on each input's own grid and voxel order. The same scan stored as RAS, LPS or
+  with permuted axes gives the same segmentation.
 - 3D datasets: the normalised volume as is, padded symmetrically (same pad values) only where it
   is smaller than the training patch. Patch corners lie on the stride grid 0, s, 2s, … ≤ D − P
   (as in the reference code); when (D − P) is not a multiple of s, the last (D − P) mod s voxels
@@ -215,24 +218,119 @@ def _as_3d(array: np.ndarray, meta: ImageMeta) -> tuple[np.ndarray, ImageMeta]:
 
 def swap_slice_axis(array: np.ndarray, meta: ImageMeta, axis: int
                     ) -> tuple[np.ndarray, ImageMeta]:
-    """Swaps array axis `axis` of a (z, y, x[, c]) volume with z, and its geometry with it.
-
-    The voxel at index 0 stays where it is (same origin); spacing, size and the direction
-    columns follow the swapped axes, so the swapped image covers the same physical grid. The
-    swap is its own inverse. `axis` 0 returns the inputs unchanged.
-    """
+    """Swaps array axis `axis` of a (z, y, x[, c]) volume with z, and its geometry with it
+    (a special case of `reorient`; kept for callers that only move the slice axis)."""
     if axis == 0:
         return array, meta
     if axis not in (1, 2) or meta.ndim != 3:
         raise ValueError(f"slice_axis_zyx must be 0, 1 or 2 for a 3D image; got {axis}.")
-    swapped = np.swapaxes(array, 0, axis)
-    order_xyz = [0, 1, 2]
-    order_xyz[2], order_xyz[2 - axis] = 2 - axis, 2
-    direction = np.asarray(meta.direction, np.float64).reshape(3, 3)[:, order_xyz]
-    return swapped, dataclasses.replace(
-        meta, spacing_xyz=tuple(meta.spacing_xyz[i] for i in order_xyz),
-        size_xyz=tuple(meta.size_xyz[i] for i in order_xyz),
-        direction=tuple(float(v) for v in direction.ravel()))
+    index_axis = 2 - axis                      # numpy axis -> ITK index axis (x=0, y=1, z=2)
+    order = [0, 1, 2]
+    order[2], order[index_axis] = index_axis, 2
+    return reorient(array, meta, {"axes": order, "flip": [False] * 3})
+
+
+# ------------------------------------------------------------------ canonical orientation
+# Every 3D scan is brought to one canonical voxel order before anything else: index axis x
+# runs towards the patient's left, y towards posterior, z towards superior (ITK's LPS, the
+# DICOM convention), by permuting and flipping array axes only (no resampling, so it is exact
+# and undone exactly). For 2D processing the slice axis (z after reorientation) is chosen from
+# the geometry first: the dataset's fixed axis if it declares one (`slice_axis_zyx`, for files
+# whose headers misstate the axes), else the axis with clearly the largest spacing (the
+# through-plane axis of 2D acquisitions: cardiac short-axis stacks, prostate), else the axis
+# closest to the patient's head-foot axis (axial planes of isotropic volumes). The same scan
+# stored as RAS, LPS, LPI or with permuted axes then gives the same processed slices.
+
+ANISOTROPY_RATIO = 1.5     # largest spacing / second largest above this: the slice axis
+
+
+def _permutations():
+    return ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def canonical_transform(meta: ImageMeta, spatial_dims: int, slice_axis_zyx: int = 0,
+                        reliable: bool = True) -> dict[str, Any]:
+    """The axis permutation and flips that bring a 3D image to the canonical order.
+
+    Returns:
+      {"axes": [a_x, a_y, a_z], "flip": [f_x, f_y, f_z]}: new index axis i is old index axis
+      axes[i] (ITK order, x = 0), reversed when flip[i].
+    """
+    identity = {"axes": [0, 1, 2], "flip": [False, False, False]}
+    if meta.ndim != 3:
+        return identity
+    direction = np.asarray(meta.direction, np.float64).reshape(3, 3)  # columns: index axes
+    forced = None
+    if slice_axis_zyx:
+        forced = 2 - int(slice_axis_zyx)
+    elif spatial_dims == 2:
+        spacing = np.asarray(meta.spacing_xyz, np.float64)
+        order = np.argsort(spacing)
+        if spacing[order[2]] > ANISOTROPY_RATIO * spacing[order[1]]:
+            forced = int(order[2])
+        elif reliable:
+            forced = int(np.argmax(np.abs(direction[2])))   # most head-foot index axis
+    if not reliable:  # misleading direction cosines: only move the slice axis, never flip
+        if forced in (None, 2):
+            return identity
+        rest = [a for a in (0, 1, 2) if a != forced]
+        return {"axes": [rest[0], rest[1], forced], "flip": [False] * 3}
+    best, best_score = None, -1.0
+    for axes in _permutations():
+        if forced is not None and axes[2] != forced:
+            continue
+        score = sum(abs(direction[patient, axes[patient]]) for patient in range(3))
+        if score > best_score + 1e-9:
+            best, best_score = axes, score
+    flips = [bool(direction[patient, best[patient]] < 0) for patient in range(3)]
+    return {"axes": list(best), "flip": flips}
+
+
+def is_identity(transform: dict[str, Any] | None) -> bool:
+    return not transform or (list(transform["axes"]) == [0, 1, 2] and not any(transform["flip"]))
+
+
+def reorient(array: np.ndarray, meta: ImageMeta, transform: dict[str, Any]
+             ) -> tuple[np.ndarray, ImageMeta]:
+    """Applies `canonical_transform`'s permutation and flips to a (z, y, x[, c]) array and its
+    geometry; the result covers the same physical voxels (new origin = the voxel now first)."""
+    axes, flips = list(transform["axes"]), list(transform["flip"])
+    if is_identity(transform):
+        return array, meta
+    # numpy axis of ITK index axis a is 2 - a; new numpy axis j holds new index axis 2 - j.
+    perm = [2 - axes[2 - j] for j in range(3)] + list(range(3, array.ndim))
+    out = np.transpose(array, perm)
+    for j in range(3):
+        if flips[2 - j]:
+            out = np.flip(out, axis=j)
+    direction = np.asarray(meta.direction, np.float64).reshape(3, 3)
+    spacing = np.asarray(meta.spacing_xyz, np.float64)
+    size = np.asarray(meta.size_xyz)
+    first = np.zeros(3)
+    columns = []
+    for new, old in enumerate(axes):
+        if flips[new]:
+            first[old] = size[old] - 1
+        columns.append(direction[:, old] * (-1.0 if flips[new] else 1.0))
+    origin = np.asarray(meta.origin_xyz, np.float64) + direction @ (first * spacing)
+    new_meta = dataclasses.replace(
+        meta, spacing_xyz=tuple(float(spacing[a]) for a in axes),
+        size_xyz=tuple(int(size[a]) for a in axes), origin_xyz=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in np.stack(columns, axis=1).ravel()))
+    return np.ascontiguousarray(out), new_meta
+
+
+def undo_reorient(array: np.ndarray, transform: dict[str, Any] | None) -> np.ndarray:
+    """The inverse of `reorient` on an array (z, y, x[, c]) in canonical order."""
+    if is_identity(transform):
+        return array
+    axes, flips = list(transform["axes"]), list(transform["flip"])
+    for j in range(3):
+        if flips[2 - j]:
+            array = np.flip(array, axis=j)
+    perm = [2 - axes[2 - j] for j in range(3)]
+    inverse = [perm.index(k) for k in range(3)] + list(range(3, array.ndim))
+    return np.ascontiguousarray(np.transpose(array, inverse))
 
 
 def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
@@ -263,14 +361,16 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
         raise ValueError(f"Dataset {dataset.name!r} has {dataset.num_channels} modalities "
                          f"{dataset.modalities}; got {len(images)} images and {len(metas)} metas.")
     check_geometry(metas, sources, dataset.orientation_reliable)
-    slice_axis = int(getattr(dataset, "slice_axis_zyx", 0) or 0) if metas[0].ndim == 3 else 0
+    transform = canonical_transform(metas[0], dataset.spatial_dims,
+                                    int(getattr(dataset, "slice_axis_zyx", 0) or 0),
+                                    dataset.orientation_reliable)
     volumes, original = [], None
     for index, (array, meta) in enumerate(zip(images, metas)):
         array, meta_3d = _as_3d(np.asarray(array), meta)
         if array.shape != meta_3d.shape_zyx:
             raise ValueError(f"{_name(sources, index)}: array shape {array.shape} does not "
                              f"match its geometry {meta_3d.shape_zyx}; pass (z, y, x) arrays.")
-        array, meta_3d = swap_slice_axis(array, meta_3d, slice_axis)
+        array, meta_3d = reorient(array, meta_3d, transform)
         if not np.all(np.isfinite(array)):
             raise ValueError(f"Image {_name(sources, index)} has NaN or infinite voxels; expected "
                              "finite intensities. Re-export the scan or fix those voxels.")
@@ -310,7 +410,7 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
     del volumes
     if label is not None:
         label, label_meta = _as_3d(np.asarray(label), metas[0])
-        label, _ = swap_slice_axis(label, label_meta, slice_axis)
+        label, _ = reorient(label, label_meta, transform)
         if label.shape != image.shape[:3]:
             raise ValueError(f"Label {label_source or 'label'} has shape {label.shape}; expected "
                              f"the image shape {image.shape[:3]}.")
@@ -318,8 +418,10 @@ def preprocess_volume(images: Sequence[np.ndarray], metas: Sequence[ImageMeta],
     geometry: dict[str, Any] = {"spatial_dims": dataset.spatial_dims, "input_ndim": metas[0].ndim,
                                 "original_shape_zyx": list(original.shape_zyx),
                                 "resampled_spacing_xyz": None}
-    if slice_axis:  # only then, so the geometry of other datasets is unchanged
-        geometry["slice_axis_zyx"] = slice_axis
+    if not is_identity(transform):  # only then, so canonical scans keep their geometry
+        geometry["reorient"] = transform
+        # the files' numpy axis that holds the slices (montages, viewers)
+        geometry["slice_axis_zyx"] = 2 - int(transform["axes"][2])
     pad = np.asarray(pad_values, np.float32)
     patch_corners = None
     if dataset.spatial_dims == 2:
@@ -396,8 +498,17 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
         raise ValueError(f"Prediction shape {array.shape} does not match the processed grid "
                          f"{expected}{' + (K,)' if is_probability else ''}.")
     _, original_3d = _as_3d(np.zeros(original.shape_zyx, np.uint8), original)
-    slice_axis = int(geometry.get("slice_axis_zyx", 0))
-    _, original_3d = swap_slice_axis(np.zeros((0, 0, 0)), original_3d, slice_axis)
+    transform = geometry.get("reorient")
+    if transform is None and geometry.get("slice_axis_zyx"):  # records before reorientation
+        _, original_3d = swap_slice_axis(np.zeros((0, 0, 0)), original_3d,
+                                         int(geometry["slice_axis_zyx"]))
+        axis = 2 - int(geometry["slice_axis_zyx"])
+        order = [0, 1, 2]
+        order[2], order[axis] = axis, 2
+        transform = {"axes": order, "flip": [False] * 3}
+    else:
+        _, original_3d = reorient(np.zeros((0, 0, 0)), original_3d, transform or
+                                  {"axes": [0, 1, 2], "flip": [False] * 3})
     if list(original_3d.shape_zyx) != list(geometry["original_shape_zyx"]):
         raise ValueError(f"Original image shape {original.shape_zyx} does not match the one this "
                          f"geometry was computed for {geometry['original_shape_zyx']}; pass the "
@@ -423,8 +534,7 @@ def restore_geometry(array: np.ndarray, geometry: dict[str, Any], original: Imag
                              is_label=not is_probability).astype(dtype, copy=False)
         if squeeze:
             restored = restored[..., None]
-    if slice_axis:
-        restored = np.ascontiguousarray(np.swapaxes(restored, 0, slice_axis))
+    restored = undo_reorient(restored, transform)
     if geometry.get("input_ndim", 3) == 2:
         restored = restored[0]
     return restored

@@ -172,12 +172,12 @@ def test_export_run_writes_the_run_export_with_preprocessing_facts(tmp_path, cap
     assert assets["dataset_facts"]["modalities"] == ["T1", "T2"]
     assert assets["raw_to_class"] == [[0, 0], [10, 1], [150, 2], [250, 3]]
     # The served network is the run's segmentor with its checkpoint weights.
-    image, _ = load_subject(run["records_dir"], "case1")  # (16, 22, 19, 2): 3D, padded in z
+    image, _ = load_subject(run["records_dir"], "case1")  # 3D, padded in z, canonical order
     served = tf.saved_model.load(path).signatures["serving_default"](
         image=tf.constant(image[None]))["probabilities"].numpy()[0]
     predictor = load_run(run["run_dir"]).predictor
     padded = _pad_with_background(image[None], 2)
-    expected = np.asarray(predictor(padded))[0, :, :22, :19]
+    expected = np.asarray(predictor(padded))[0, :, :image.shape[1], :image.shape[2]]
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 

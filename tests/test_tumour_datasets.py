@@ -387,7 +387,9 @@ def test_kits19_slices_are_axial_and_predictions_keep_the_file_order(tmp_path):
         assert images[0].shape == (12, 12, 4)                  # as stored: x holds the slices
         processed = preprocess_volume(images, metas, label, dataset, config)
         assert processed.image.shape == (4, 12, 12, 1)         # axial slices first
-        np.testing.assert_array_equal(processed.label, expected.astype(np.uint8))
+        # Canonical orientation (x left, y posterior, z superior): the files' slice index runs
+        # towards -z (their direction), so the processed slices come in the reverse order.
+        np.testing.assert_array_equal(processed.label, expected[::-1].astype(np.uint8))
         assert processed.geometry["slice_axis_zyx"] == 2
         # HU window: -60 (inside [-79, 304]) stays the lowest value, tumour 230 the highest.
         assert processed.image[0, 0, 0, 0] == processed.image.min()
@@ -429,4 +431,7 @@ def test_brats2015_supervised_train_end_to_end(tmp_path):
     assert spec.region_classes == ((1, 2, 3, 4), (1, 3, 4), (4,)) and spec.region_paint == (2, 1, 4)
     with open(os.path.join(run, "summary.json")) as stream:
         summary = json.load(stream)
-    assert "whole_tumour" in json.dumps(summary)
+    # Evaluated per region on the held-out patient, back on the original grid.
+    assert summary["classes"] == ["whole_tumour", "tumour_core", "enhancing_tumour"]
+    assert summary["targets"] == "regions" and summary["num_subjects"] == 1
+    assert 0.0 <= summary["mean_dice"] <= 1.0
