@@ -166,6 +166,9 @@ def test_stages_and_unlabeled_batch_per_adaptation():
     plain = mixmatch.build(resolve_config(mixmatch, None, TINY + ("adapt=none",)), SPEC)
     assert [s.name for s in plain.stages()] == ["mixmatch"]
     assert not hasattr(plain, "gen_target_to_source")
+    assert plain.summary_images() == {}                      # no translators, no panels
+    assert set(method.summary_images()) == {"cyclegan/target_source_target",
+                                            "cyclegan/source_target_source"}
     np.testing.assert_array_equal(plain.unlabeled_images(data).numpy(),
                                   data["target"]["image"][:, 2:18, 2:18])   # centre crop
     one_domain = {k: v for k, v in data.items() if k != "target"}

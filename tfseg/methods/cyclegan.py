@@ -365,8 +365,11 @@ class TranslationMixin:
                 "gen_grad_norm": gen_norm, "disc_grad_norm": disc_norm}
 
     def summary_images(self) -> dict[str, np.ndarray]:
-        """TensorBoard panels: real | translated | reconstructed, first channel, [0, 1]."""
-        p = self._panels
+        """TensorBoard panels: real | translated | reconstructed, first channel, [0, 1]; none
+        for a method built without its translators (mixmatch --adapt=none)."""
+        p = self.__dict__.get("_panels")
+        if p is None:
+            return {}
 
         def gray(variable):
             image = np.asarray(variable.numpy())[..., :1]

@@ -3,8 +3,7 @@
 The glioma paper's pipeline: CycleGAN (`tfseg.methods.cyclegan`) translates the unlabeled target
 domain into the labeled source domain, then MixMatch (Berthelot et al., "MixMatch: a holistic
 approach to semi-supervised learning", NeurIPS 2019) trains the segmentor on the source's labels
-and the translated target images. Specification: docs of `mixmatch (+ cyclegan)` in the design
-notes, summarised here.
+and the translated target images.
 
 Schedule (`stages()`; `adapt`):
 - adapt="cyclegan" (paper): stage "cyclegan" trains the translators only (GAN-only stage, not
