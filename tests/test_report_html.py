@@ -290,3 +290,19 @@ def test_study_page_links_every_run_page_and_the_plots(tmp_path):
         markdown = f.read()
     for link in links:
         assert f"]({link})" in markdown
+
+
+def test_target_domain_section_links_its_own_files(tmp_path):
+    import shutil
+
+    run_dir, summary = _fabricated_run(tmp_path)
+    target = os.path.join(run_dir, "target")
+    os.makedirs(target)
+    for name in ("summary.json", "summary.md", "metrics.csv"):
+        shutil.copy(os.path.join(run_dir, name), target)
+    shutil.copytree(os.path.join(run_dir, "overlays"), os.path.join(target, "overlays"))
+    page = check_page(report_html.write_run_report(run_dir))
+    images = [v for t, v in page.references if t == "img" and not v.startswith("data:")]
+    assert images == ["overlays/dice0.300_p4.png", "overlays/dice0.850_p3.png",
+                      "target/overlays/dice0.300_p4.png", "target/overlays/dice0.850_p3.png"]
+    assert {("a", "#target-p4"), ("a", "target/metrics.csv")} <= set(page.references)

@@ -15,8 +15,8 @@ One PNG per subject: evenly spaced slices along the slice axis (the axis the 2D 
 The slices are spread evenly between the first and the last slice holding a predicted or true
 mask (all slices when both are empty). Slices are shown as stored: rows = the array's first
 in-plane axis, top to bottom. The montage is composed as a pixel array and placed unscaled in the
-figure (`Figure.figimage`), so `Montage.panel_boxes` says exactly where each slice is in the PNG;
-matplotlib adds only the title (subject id, Dice per class) and the legend.
+PNG, so `Montage.panel_boxes` says exactly where each slice is in the PNG; matplotlib draws only
+the title (subject id, Dice per class) and the legend around it.
 """
 from __future__ import annotations
 
@@ -210,6 +210,7 @@ def write_montage(path: str, montage: Montage, names: Sequence[str], title: str,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from PIL import Image  # matplotlib's own dependency
 
     body_height, width = montage.pixels.shape[:2]
     chars = max(20, width // 7)
@@ -220,8 +221,7 @@ def write_montage(path: str, montage: Montage, names: Sequence[str], title: str,
     legend_height = 12 + 20 * (-(-entries // per_row))
     height = title_height + body_height + legend_height
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
-    FigureCanvasAgg(figure)
-    figure.figimage(montage.pixels, xo=0, yo=legend_height, origin="upper")
+    canvas = FigureCanvasAgg(figure)
     figure.text(0.5, 1 - 4 / height, text, ha="center", va="top", fontsize=9)
     handles = [Line2D([], [], color=np.array(colour(c)) / 255, lw=3, label=name)
                for c, name in enumerate(names)]
@@ -231,8 +231,14 @@ def write_montage(path: str, montage: Montage, names: Sequence[str], title: str,
                               label="ground truth (dotted, outer edge)"))
     figure.legend(handles=handles, loc="lower center", ncol=per_row, frameon=False,
                   fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    canvas.draw()  # the text only; the panels are pasted in unscaled (no resampling)
+    pixels = np.array(canvas.buffer_rgba())[..., :3]
+    if pixels.shape[:2] != (height, width):
+        raise RuntimeError(f"matplotlib drew {pixels.shape[:2]} pixels, expected "
+                           f"{(height, width)}.")
+    pixels[title_height:title_height + body_height] = montage.pixels
     with atomic_path(path, ".png") as temporary:
-        figure.savefig(temporary, dpi=_DPI, format="png", facecolor="white")
+        Image.fromarray(pixels).save(temporary, format="PNG")
     return height, width
 
 
