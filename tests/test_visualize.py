@@ -173,3 +173,35 @@ def test_2d_image_and_bad_shapes():
     assert montage.slice_indices == (0,) and montage.panel_boxes[0][2:] == (48, 12)
     with pytest.raises(ValueError, match="expected a \\(z, y, x\\) image"):
         compose_montage(np.ones((2, 2, 2, 2)), (1, 1, 1), None)
+
+
+def test_the_same_scan_stored_flipped_or_permuted_gives_the_same_montage():
+    """Shown in the canonical order of preprocessing: a scan stored RAS-flipped or with x and y
+    swapped gives the identical picture (anterior up, the patient's left on the right)."""
+    from preprocessing.transforms import canonical_transform
+    from tfseg.io import ImageMeta
+    from tfseg.visualize import canonical_view
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 100, (4, 12, 9)).astype(np.float32)       # (z, y, x), LPS
+    masks = np.zeros((4, 12, 9, 1), bool)
+    masks[1:3, 2:5, 1:4] = True                                      # off-centre: flips show
+    lps = ImageMeta((1.0, 1.5, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (9, 12, 4))
+    ras = ImageMeta((1.0, 1.5, 3.0), (8.0, 16.5, 0.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1), (9, 12, 4))
+    swapped = ImageMeta((1.5, 1.0, 3.0), (0.0, 0.0, 0.0), (0, 1, 0, 1, 0, 0, 0, 0, 1),
+                        (12, 9, 4))
+    stored = {"lps": (image, masks, lps), "ras": (image[:, ::-1, ::-1], masks[:, ::-1, ::-1], ras),
+              "swapped": (np.swapaxes(image, 1, 2), np.swapaxes(masks, 1, 2), swapped)}
+    pictures = {}
+    for name, (array, mask, meta) in stored.items():
+        transform = canonical_transform(meta, 3)
+        (shown, shown_mask), spacing, axis = canonical_view([array, mask], meta, transform)
+        montage = compose_montage(shown, spacing, shown_mask, slice_axis=axis, panel_size=60,
+                                  window=(0.0, 100.0))
+        pictures[name] = montage.pixels
+    np.testing.assert_array_equal(pictures["ras"], pictures["lps"])
+    np.testing.assert_array_equal(pictures["swapped"], pictures["lps"])
+    # Without the transform the RAS copy is drawn as stored: another picture.
+    raw = compose_montage(image[:, ::-1, ::-1], (3.0, 1.5, 1.0), masks[:, ::-1, ::-1],
+                          panel_size=60, window=(0.0, 100.0)).pixels
+    assert not np.array_equal(raw, pictures["lps"])

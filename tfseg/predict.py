@@ -329,12 +329,16 @@ def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
 def _write_overlay(model: ExportedModel, scan: Scan, classes: np.ndarray, output_dir: str
                    ) -> str:
     """`<output_dir>/<subject>_overlay.png`: the prediction's contours on the scan."""
+    from preprocessing.transforms import canonical_transform
     from tfseg.visualize import display_channel, write_prediction_overlay
 
     images, metas, _ = read_scan(scan, model)
     channel = display_channel(model.modalities)
+    transform = canonical_transform(metas[channel], model.spatial_dims,  # as preprocessing
+                                    model.dataset.slice_axis_zyx,
+                                    model.dataset.orientation_reliable)
     return write_prediction_overlay(
         os.path.join(output_dir, f"{scan.subject_id}_overlay.png"), scan.subject_id,
-        images[channel], metas[channel].spacing_zyx, model.data_spec.reported_names,
-        model.data_spec.target_masks(classes), slice_axis=model.dataset.slice_axis_zyx,
+        images[channel], metas[channel], model.data_spec.reported_names,
+        model.data_spec.target_masks(classes), transform=transform,
         note=f"image: {model.modalities[channel]}")

@@ -13,8 +13,11 @@ One PNG per subject: evenly spaced slices along the slice axis (the axis the 2D 
   the in-plane spacing, so anisotropic slices are not squashed.
 
 The slices are spread evenly between the first and the last slice holding a predicted or true
-mask (all slices when both are empty). Slices are shown as stored: rows = the array's first
-in-plane axis, top to bottom. The montage is composed as a pixel array and placed unscaled in the
+mask (all slices when both are empty). Orientation: volumes are shown in the canonical voxel order
+preprocessing uses (`preprocessing.transforms.canonical_transform`: x to the patient's left, y to
+posterior, z to superior, the 2D slice axis last), so brain slices are axial in the radiological
+view (anterior up, the patient's left on the right) whatever the file's own axis order; records
+written before that order existed are shown as stored, sliced along their slice axis. The montage is composed as a pixel array and placed unscaled in the
 PNG, so `Montage.panel_boxes` says exactly where each slice is in the PNG; matplotlib draws only
 the title (subject id, Dice per class) and the legend around it.
 """
@@ -36,7 +39,7 @@ from tfseg._files import atomic_path
 __all__ = ["COLOURS", "Montage", "colour", "intensity_window", "choose_slices", "compose_montage",
            "write_montage", "write_subject_overlay", "overlay_name", "find_overlay",
            "evaluation_overlays", "write_prediction_overlay", "display_channel",
-           "OVERLAYS_DIR"]
+           "canonical_view", "OVERLAYS_DIR"]
 
 OVERLAYS_DIR = "overlays"
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), then more.
@@ -330,23 +333,47 @@ def evaluation_overlays(folder: str, manifest: dict, names: Sequence[str], **mon
         indices = entry.get("channel_indices")
         image, meta = read_channels([entry["image_paths"][channel]],
                                     [indices[channel]] if indices else None)[0]
+        geometry = entry.get("geometry") or {}
+        (image, prediction_masks, truth_masks), spacing, slice_axis = canonical_view(
+            [image, prediction_masks, truth_masks], meta, geometry.get("reorient"),
+            int(geometry.get("slice_axis_zyx", 0)))
         dice = [record[name]["dice"] for name in names]
-        write_subject_overlay(folder, subject.subject_id, image, meta.spacing_zyx, names,
-                              prediction_masks, truth_masks, dice,
-                              slice_axis=int(entry.get("geometry", {}).get("slice_axis_zyx", 0)),
+        write_subject_overlay(folder, subject.subject_id, image, spacing, names,
+                              prediction_masks, truth_masks, dice, slice_axis=slice_axis,
                               note=f"image: {modalities[channel]}", **montage_options)
         record["overlay_seconds"] = round(time.perf_counter() - started, 2)
 
     return write
 
 
-def write_prediction_overlay(path: str, subject_id: str, image: np.ndarray,
-                             spacing_zyx: Sequence[float], names: Sequence[str],
-                             prediction_masks: np.ndarray, *, slice_axis: int = 0,
-                             note: str = "", **montage_options) -> str:
+def canonical_view(arrays: Sequence[np.ndarray | None], meta, transform: dict | None,
+                   slice_axis_zyx: int = 0) -> tuple[list, tuple[float, ...], int]:
+    """Arrays (z, y, x[, ...]) on one original grid (`meta`: its `ImageMeta`) in the display
+    order: `preprocessing.transforms.reorient` with the recorded `transform` (the records'
+    geometry "reorient"), sliced along z; without a transform, as stored, sliced along
+    `slice_axis_zyx`.
+
+    Returns:
+      (arrays (None stays None), spacing_zyx of the shown order, the slice axis).
+    """
+    if not transform or meta.ndim != 3:
+        return list(arrays), meta.spacing_zyx, slice_axis_zyx
+    from preprocessing.transforms import reorient
+
+    shown = [None if a is None else reorient(np.asarray(a), meta, transform)[0] for a in arrays]
+    return shown, reorient(np.zeros((0, 0, 0)), meta, transform)[1].spacing_zyx, 0
+
+
+def write_prediction_overlay(path: str, subject_id: str, image: np.ndarray, meta,
+                             names: Sequence[str], prediction_masks: np.ndarray, *,
+                             transform: dict | None = None, note: str = "",
+                             **montage_options) -> str:
     """The montage of a prediction without ground truth (`launch.predict --overlays`), written
-    to `path`; arguments as `write_subject_overlay`. Returns `path`."""
-    montage = compose_montage(image, spacing_zyx, prediction_masks, None,
+    to `path`. `meta`: the scan's `ImageMeta`; `transform`: its canonical orientation
+    (`canonical_view`); other arguments as `write_subject_overlay`. Returns `path`."""
+    (image, prediction_masks), spacing, slice_axis = canonical_view(
+        [image, prediction_masks], meta, transform)
+    montage = compose_montage(image, spacing, prediction_masks, None,
                               slice_axis=slice_axis, **montage_options)
     write_montage(path, montage, names, subject_title(subject_id, names, None, note),
                   with_truth=False)
