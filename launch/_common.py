@@ -21,9 +21,22 @@ from absl import flags, logging
 
 
 def setup_environment() -> None:
-    """Backend and log level; call before anything imports TensorFlow or Keras."""
+    """Backend and log level; call before anything imports TensorFlow or Keras. Also turns
+    SIGTERM (what schedulers and `docker stop` send) into SystemExit(143), so cleanup runs as
+    on Ctrl-C: worker processes are stopped and nothing half-written is kept."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    del frame
+    print(f"Stopped by signal {signum}; re-run the same command to resume.", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def fail(program: str, message: str, exit_code: int = 2) -> NoReturn:

@@ -20,6 +20,7 @@ import inspect  # noqa: E402
 import sys  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from launch import _common  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from preprocessing import (PreprocessConfig, SubjectsSkippedError, merge_manifests,  # noqa: E402
@@ -125,8 +126,10 @@ def main(argv: Sequence[str]) -> int:
     """Runs the preprocessing for a full command line (program name first).
 
     Returns:
-      The exit code: 0 done, 1 subjects skipped (without --allow_skips), 2 could not start.
+      The exit code: 0 done, 1 subjects skipped (without --allow_skips), 2 could not start,
+      128 + signal number when stopped by SIGTERM (workers stopped; re-run to resume).
     """
+    _common.setup_environment()
     if not _parse(argv):
         return 2
     if FLAGS.merge_manifests:

@@ -210,7 +210,19 @@ def _run_one(subject: Subject, dataset: Dataset, config: PreprocessConfig, out_d
                 f"{list(subject.image_paths)}: {error}", traceback.format_exc())
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    # Die with the parent, whatever kills it (even SIGKILL, which runs no cleanup): Linux
+    # delivers SIGTERM to this worker when the process that started it exits. If the parent
+    # died while this worker was still starting (before the request), leave now.
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
     import SimpleITK as sitk
     # Workers already use the cores; ITK's own threads would oversubscribe them.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -223,8 +235,10 @@ def _results(todo, dataset, config, out_dir, workers):
             yield subject, _run_one(subject, dataset, config, out_dir)
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
-                                                initializer=_init_worker) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context,
+                                                  initializer=_init_worker,
+                                                  initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(_run_one, s, dataset, config, out_dir): s for s in todo}
         for future in concurrent.futures.as_completed(futures):
             try:
@@ -233,6 +247,26 @@ def _results(todo, dataset, config, out_dir, workers):
                 result = ("skipped", f"the worker process died ({type(error).__name__}: {error});"
                           " if it ran out of memory, use fewer --workers", None)
             yield futures[future], result
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM turned into SystemExit, an error while saving): stop the
+        # workers now instead of letting them finish (or outlive us); their half-written
+        # temporaries are removed by the next run.
+        stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def stop_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Cancels queued subjects and terminates the pool's worker processes."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
 
 
 def _progress(entry: dict[str, Any], spatial_dims: int) -> str:
