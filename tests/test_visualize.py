@@ -205,3 +205,38 @@ def test_the_same_scan_stored_flipped_or_permuted_gives_the_same_montage():
     raw = compose_montage(image[:, ::-1, ::-1], (3.0, 1.5, 1.0), masks[:, ::-1, ::-1],
                           panel_size=60, window=(0.0, 100.0)).pixels
     assert not np.array_equal(raw, pictures["lps"])
+
+
+def test_evaluation_callback_writes_the_flair_montage_and_survives_a_missing_image(tmp_path):
+    from types import SimpleNamespace
+
+    from tfseg.io import ImageMeta, write_image
+    from tfseg.visualize import display_channel, evaluation_overlays
+
+    assert display_channel(["t1", "t1ce", "t2", "FLAIR"]) == 3
+    assert display_channel(["cine"]) == 0
+    image, label, _ = _phantom()
+    meta = ImageMeta((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (30, 30, 3))
+    paths = [str(tmp_path / f"{m}.nii.gz") for m in ("t1", "flair")]
+    write_image(np.zeros_like(image), meta, paths[0])
+    write_image(image, meta, paths[1])
+    manifest = {"modalities": ["t1", "flair"],
+                "subjects": {"ok": {"image_paths": paths, "geometry": {}},
+                             "gone": {"image_paths": [str(tmp_path / "x.nii.gz")] * 2}}}
+    folder = str(tmp_path / "overlays")
+    os.makedirs(folder)
+    open(os.path.join(folder, "dice0.100_stale.png"), "w").close()  # an earlier evaluation
+    write = evaluation_overlays(folder, manifest, ["square", "disc"], panel_size=300,
+                                window=(0.0, 255.0))
+    assert os.listdir(folder) == []
+    record = {"square": {"dice": 1.0}, "disc": {"dice": 0.5}}
+    write(SimpleNamespace(subject_id="ok"), _masks(label), _masks(label), record)
+    assert os.listdir(folder) == ["dice0.750_ok.png"] and record["overlay_seconds"] >= 0
+    png = _read_png(os.path.join(folder, "dice0.750_ok.png"))
+    assert png.max() == 255 and (png == np.array(colour(0))).all(axis=-1).any()
+    # The FLAIR intensities (20 around, 100 in the square), not the all-zero T1, show.
+    for level in (20, 100):
+        assert (np.abs(png.astype(int) - level) <= 1).all(axis=-1).sum() > 3000
+    missing = {}
+    write(SimpleNamespace(subject_id="gone"), _masks(label), _masks(label), missing)
+    assert os.listdir(folder) == ["dice0.750_ok.png"] and "overlay_seconds" not in missing

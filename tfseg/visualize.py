@@ -32,6 +32,7 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+from absl import logging
 from scipy import ndimage
 
 from tfseg._files import atomic_path
@@ -315,7 +316,8 @@ def evaluation_overlays(folder: str, manifest: dict, names: Sequence[str], **mon
     montage into `folder`: its original image (`display_channel` of the manifest's modalities),
     on its own grid, sliced along the records' slice axis.
 
-    The folder's earlier montages (`dice*_*.png`) are removed first: like summary.json, the
+    A subject whose image cannot be read (moved data folder) gets a warning, no montage. The
+    folder's earlier montages (`dice*_*.png`) are removed first: like summary.json, the
     folder then shows one evaluation. The callback records the seconds it took in
     `record["overlay_seconds"]`.
     """
@@ -331,8 +333,12 @@ def evaluation_overlays(folder: str, manifest: dict, names: Sequence[str], **mon
         started = time.perf_counter()
         entry = manifest["subjects"][subject.subject_id]
         indices = entry.get("channel_indices")
-        image, meta = read_channels([entry["image_paths"][channel]],
-                                    [indices[channel]] if indices else None)[0]
+        try:
+            image, meta = read_channels([entry["image_paths"][channel]],
+                                        [indices[channel]] if indices else None)[0]
+        except ValueError as error:  # a picture is not worth losing the evaluation for
+            logging.warning("No overlay for %s: %s", subject.subject_id, error)
+            return
         geometry = entry.get("geometry") or {}
         (image, prediction_masks, truth_masks), spacing, slice_axis = canonical_view(
             [image, prediction_masks, truth_masks], meta, geometry.get("reorient"),
