@@ -40,7 +40,10 @@ Domains:
     voxel, twice the noise, a stronger bias field, different contrasts (T1 with less grey/white
     contrast, FLAIR with incomplete CSF suppression, weaker enhancement) and a gamma curve.
 Both are processed as 2D axial slices at 2 mm in-plane, centre-cropped to 80 x 80, so models of
-one domain run on the other.
+one domain run on the other. N4 is not applied (`n4_default=False`): the tumour papers used
+BraTS as distributed, without bias correction, so the methods must cope with the residual
+bias field; it also keeps the quick presets quick (N4 of 4 modalities per subject costs more
+than a quick training run here).
 
 Counts (defaults): source 16 labeled (11 HGG, 5 LGG) + 8 unlabeled; target 4 labeled (imagesTr)
 + 12 unlabeled (imagesUnl) + 8 labeled evaluation cases (imagesTs + labelsTs).
@@ -327,6 +330,7 @@ class SyntheticTumorSource(_Generated, brats.BratsDataset):
     """The source domain, in the BraTS 2018 layout, read by the BraTS reader."""
 
     name: str = "synthetic_tumor"
+    n4_default: bool = False  # see the module docstring
     target_spacing_xy: tuple[float, float] | None = _SPACING_XY
     crop_size_yx: tuple[int, int] | None = _CROP_YX
     content_version: int | None = GENERATOR_VERSION
@@ -345,6 +349,7 @@ class SyntheticTumorTarget(_Generated, folder_lib.FolderDataset):
     """The target domain, in the nnU-Net folder layout, with BraTS classes and regions."""
 
     name: str = "synthetic_tumor"
+    n4_default: bool = False
     modalities: tuple[str, ...] = brats.MODALITIES
     class_names: tuple[str, ...] = brats.CLASS_NAMES
     label_values: tuple[int, ...] = brats.LABEL_VALUES
@@ -400,7 +405,7 @@ def make_dataset(domain: str = "source", target: str = "regions",
         # The synthetic grid (2 mm, 80 x 80) unless a protocol sets the geometry.
         own_geometry = brats_options.get("protocol", "default") == "default"
         fields = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)
-                  if f.name not in ("name", "content_version") and not (own_geometry and f.name in (
+                  if f.name not in ("name", "content_version", "n4_default") and not (own_geometry and f.name in (
                       "target_spacing_xy", "crop_size_yx"))}
         return SyntheticTumorSource(**fields, **counts)
     if brats_options:
