@@ -204,3 +204,24 @@ def test_region_export_paints_nested_regions_into_label_values(tmp_path):
     np.testing.assert_allclose(out["probabilities"].numpy(), 1 / (1 + np.exp(-logits)), atol=1e-6)
     assert out["labels"].numpy().ravel().tolist() == [0, 2, 1, 3, 3]
     assert out["label_map"].numpy().ravel().tolist() == [0, 2, 1, 4, 4]
+
+
+def test_a_killed_export_leaves_nothing_behind_after_the_next_run(tmp_path):
+    """kill -9 during the write leaves its temporary folder; the next export removes it (and
+    keeps the temporary of an export still running in another process)."""
+    import socket
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(6)
+    model = build_unet((None, None, 1), 2, UNetConfig(filters=(4, 8), upsampling="transpose"))
+    parent = tmp_path / "name"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = parent / f".1.tmp-{host}-{dead}-0123456789abcdef"
+    alive = parent / f".1.tmp-{host}-{os.getpid()}-fedcba9876543210"
+    for folder in (stale, alive):
+        os.makedirs(folder / "variables")
+    export_segmentor(model, str(parent / "1"), {}, spatial_dims=2, size_multiple=2)
+    assert sorted(os.listdir(parent)) == sorted(["1", alive.name])

@@ -37,6 +37,46 @@ def _create_temporary(folder: str, name: str, suffix: str) -> str:
     raise FileExistsError(f"Could not create a temporary file {stem}…{suffix} in {folder}.")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_temporary_dir(folder: str, name: str) -> str:
+    """Creates `.<name>.tmp-<host>-<pid>-<random>` in `folder` (for a folder written then
+    renamed into place as `name`) and returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = _create_temporary(folder, name, "")
+    os.remove(path)
+    os.mkdir(path)
+    return path
+
+
+def remove_stale_temporary_dirs(folder: str, name: str) -> list[str]:
+    """Deletes the temporaries of `name` in `folder` left by processes of this host that are no
+    longer running (killed mid-write); a live writer's temporary is kept. Returns the removed
+    names."""
+    import shutil
+
+    prefix = f"{temporary_prefix(name)}{socket.gethostname()}-"
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in sorted(os.listdir(folder)):
+        if not entry.startswith(prefix):
+            continue
+        pid_text = entry[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _fsync(path: str) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfseg import __version__
+from tfseg._files import make_temporary_dir, remove_stale_temporary_dirs
 from tfseg.data.spec import REGION_THRESHOLD, DataSpec
 from tfseg.inference import dynamic_shape_model, suggest_tile_size
 from tfseg.run import RunInfo, load_run
@@ -235,7 +236,9 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
 
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(export_dir)}-", dir=parent)
+    # A killed export leaves its temporary folder: the next export removes it.
+    remove_stale_temporary_dirs(parent, os.path.basename(export_dir))
+    temporary = make_temporary_dir(parent, os.path.basename(export_dir))
     try:
         archive = keras.export.ExportArchive()
         archive.track(network)

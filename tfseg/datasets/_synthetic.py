@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
-import uuid
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from tfseg._files import make_temporary_dir, remove_stale_temporary_dirs
 
 MARKER_NAME = ".tfseg_synthetic.json"
 
@@ -220,27 +220,6 @@ def is_complete(folder: str, generator: str, version: int, counts: Mapping[str, 
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(parent: str, base: str) -> None:
-    """Deletes temporary folders left by interrupted generations of this host."""
-    prefix = f".{base}.tmp-{socket.gethostname()}-"
-    for entry in os.listdir(parent):
-        if not entry.startswith(prefix):
-            continue
-        pid_text = entry[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
 def prepare_folder(data_dir: str | None, generator: str, version: int,
                    counts: Mapping[str, int], cache_name: str,
                    write_files: Callable[[str], None]) -> str:
@@ -275,10 +254,9 @@ def prepare_folder(data_dir: str | None, generator: str, version: int,
         raise ValueError(f"{folder} exists and is not a folder: pass a folder path as --data_dir.")
     parent, base = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale_temporaries(parent, base)
-    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary = os.path.join(parent, f".{base}.tmp-{tag}")
-    os.mkdir(temporary)
+    remove_stale_temporary_dirs(parent, base)
+    temporary = make_temporary_dir(parent, base)
+    tag = os.path.basename(temporary).rsplit(".tmp-", 1)[1]
     try:
         write_files(temporary)
         files = {}
