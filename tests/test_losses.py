@@ -165,3 +165,22 @@ def test_bad_inputs_are_rejected():
         cross_entropy(np.zeros((1, 1, 2), np.float32), logits)
     with pytest.raises(ValueError, match="one weight per class"):
         cross_entropy(y_true, logits, class_weights=(0.1, 0.45, 0.45))
+
+
+def test_batch_dice_pools_the_batch_hand_computed():
+    """Two 1 x 2 examples, one region, p = sigmoid(0) = 0.5 everywhere: example 1 has truth
+    [1, 0], example 2 none. Per example: 1 - (2 * 0.5) / (1 + 1) = 0.5 and 1 - 0 / 1 = 1 (the
+    empty slice). Batch Dice: intersection 0.5, total 2 + 1 = 3: 1 - 1 / 3 for both."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tfseg.losses import segmentation as seg
+
+    y_true = tf.constant([[[[1.0], [0.0]]], [[[0.0], [0.0]]]])       # (2, 1, 2, 1)
+    logits = tf.zeros_like(y_true)
+    per_example = seg.soft_dice_loss(y_true, logits, smooth=0.0 + 1e-12, activation="sigmoid")
+    np.testing.assert_allclose(per_example.numpy(), [0.5, 1.0], atol=1e-6)
+    pooled = seg.soft_dice_loss(y_true, logits, smooth=1e-12, activation="sigmoid", batch=True)
+    np.testing.assert_allclose(pooled.numpy(), [2 / 3, 2 / 3], atol=1e-6)
+    both = seg.dice_ce_loss(y_true, logits, activation="sigmoid", batch_dice=True)
+    np.testing.assert_allclose(both.numpy(), 2 / 3 + np.log(2.0), atol=1e-5)

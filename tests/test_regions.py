@@ -224,3 +224,14 @@ def test_brats_layout_lists_unlabeled_cases_and_binary_target(brats_run):
         get_dataset("brats", modalities="t1,dwi")
     with pytest.raises(ValueError, match="no folder holds"):
         get_dataset("brats").list_subjects(str(brats_run["root"] / "records"))
+
+
+def test_supervised_resolves_batch_dice_for_regions_only():
+    from tfseg.methods import supervised
+
+    classes = DataSpec(spatial_dims=2, num_channels=1, num_classes=3,
+                       class_names=("bg", "a", "b"), example_shape=(16, 16))
+    assert supervised.resolve(supervised.Config(loss="dice_ce"), TWO).batch_dice is True
+    assert supervised.resolve(supervised.Config(loss="dice_ce"), classes).batch_dice is False
+    explicit = supervised.Config(loss="dice", batch_dice=False)
+    assert supervised.resolve(explicit, TWO).batch_dice is False

@@ -122,7 +122,7 @@ def cross_entropy(y_true, logits, class_weights: Sequence[float] | None = None,
 
 
 def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: bool = False,
-                   activation: str = "softmax"):
+                   activation: str = "softmax", batch: bool = False):
     """Soft Dice loss per example: 1 − mean over classes of (2Σp·y + s) / (Σp + Σy + s).
 
     p = softmax(logits); sums run over the spatial axes of each example and class separately
@@ -137,6 +137,10 @@ def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: boo
         include_background: average over all K classes instead of classes 1 … K−1.
         activation: "softmax" (classes) or "sigmoid" (regions: p = sigmoid(logits), every
             region is averaged; `include_background` does not apply).
+        batch: "batch Dice" (as nnU-Net trains 2D models): the sums also run over the batch,
+            so the one value (repeated per example) weighs every voxel of the batch equally. On
+            slices, many examples hold no foreground at all; per example, their term is ≈ 1
+            for any predicted mass and drives every prediction towards zero.
 
     Returns:
         (B,) float32 in [0, 1].
@@ -150,14 +154,19 @@ def soft_dice_loss(y_true, logits, smooth: float = 1e-5, include_background: boo
         if logits.shape[-1] is not None and logits.shape[-1] < 2:
             raise ValueError("soft_dice_loss: include_background=False needs at least 2 classes.")
         probabilities, y_true = probabilities[..., 1:], y_true[..., 1:]
-    intersection = tf.reduce_sum(probabilities * y_true, axis=spatial_axes)           # (B, K')
-    total = tf.reduce_sum(probabilities + y_true, axis=spatial_axes)                  # (B, K')
+    axes = [0, *spatial_axes] if batch else spatial_axes
+    intersection = tf.reduce_sum(probabilities * y_true, axis=axes, keepdims=batch)   # (B|1, K')
+    total = tf.reduce_sum(probabilities + y_true, axis=axes, keepdims=batch)
     dice = (2.0 * intersection + smooth) / (total + smooth)
-    return 1.0 - tf.reduce_mean(dice, axis=-1)
+    loss = 1.0 - tf.reduce_mean(dice, axis=-1)
+    if batch:
+        loss = tf.broadcast_to(tf.reshape(loss, [1]), tf.shape(logits)[:1])
+    return loss
 
 
 def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.0,
-                 class_weights: Sequence[float] | None = None, activation: str = "softmax"):
+                 class_weights: Sequence[float] | None = None, activation: str = "softmax",
+                 batch_dice: bool = False):
     """dice_weight · soft_dice_loss (foreground classes) + ce_weight · cross_entropy.
 
     Args:
@@ -167,6 +176,7 @@ def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.
         ce_weight: factor of the cross-entropy term.
         class_weights: optional class weights of the cross-entropy term.
         activation: "softmax" (classes) or "sigmoid" (regions).
+        batch_dice: the Dice term as batch Dice (`soft_dice_loss(batch=True)`).
 
     Returns:
         (B,) float32.
@@ -174,7 +184,7 @@ def dice_ce_loss(y_true, logits, dice_weight: float = 1.0, ce_weight: float = 1.
     Raises:
         ValueError: as `cross_entropy` and `soft_dice_loss`.
     """
-    return (dice_weight * soft_dice_loss(y_true, logits, activation=activation)
+    return (dice_weight * soft_dice_loss(y_true, logits, activation=activation, batch=batch_dice)
             + ce_weight * cross_entropy(y_true, logits, class_weights=class_weights,
                                         activation=activation))
 

@@ -62,6 +62,10 @@ class Config:
       steps: optimisation steps.
       validation_every: steps between validation rounds (best checkpoint selection).
       network: "unet" | "segan" (SegAN's segmentor, 2D; see the module docstring).
+      batch_dice: the Dice term ("dice", "dice_ce") as batch Dice (sums over the batch too,
+        `losses.soft_dice_loss(batch=True)`); None = True for region targets, whose slices
+        are mostly tumour-free (per-example Dice then pushes every prediction to zero), False
+        for classes (as before).
     """
 
     filters: tuple[int, ...] | None = None
@@ -80,6 +84,7 @@ class Config:
     steps: int = 10000
     validation_every: int = 500
     network: str = "unet"
+    batch_dice: bool | None = None
 
 
 PRESETS = {
@@ -139,6 +144,7 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
         config = dataclasses.replace(config, loss="ce")  # per-region BCE: no class balance rule
     elif config.loss == "weighted_ce":  # dice_ce keeps an unweighted CE unless weights are set
         values["class_weights"] = default_class_weights(data_spec)
+    values["batch_dice"] = regions
     changes = {k: v for k, v in values.items() if getattr(config, k, None) is None}
     if (config.augment or "").strip().lower() == "default":
         changes["augment"] = DEFAULT_AUGMENT[data_spec.spatial_dims]
@@ -199,13 +205,15 @@ class Supervised(SegMethod):
     def loss_terms(self, targets, logits) -> dict[str, tf.Tensor]:
         """Per-example loss terms (B,); "loss" is their total."""
         weights, activation = self.config.class_weights, self.activation
+        batch = bool(self.config.batch_dice)
         if self.config.loss == "dice_ce":
-            dice = losses.soft_dice_loss(targets, logits, activation=activation)
+            dice = losses.soft_dice_loss(targets, logits, activation=activation, batch=batch)
             ce = losses.cross_entropy(targets, logits, class_weights=weights,
                                       activation=activation)
             return {"loss": dice + ce, "dice_loss": dice, "ce_loss": ce}
         if self.config.loss == "dice":
-            return {"loss": losses.soft_dice_loss(targets, logits, activation=activation)}
+            return {"loss": losses.soft_dice_loss(targets, logits, activation=activation,
+                                                  batch=batch)}
         if self.config.loss == "ce":
             return {"loss": losses.cross_entropy(targets, logits, activation=activation)}
         return {"loss": losses.cross_entropy(targets, logits, class_weights=weights,
