@@ -30,6 +30,7 @@ from preprocessing import writer
 from preprocessing.config import (PREPROCESSING_VERSION, PreprocessConfig, dataset_facts,
                                   fingerprint, records_dir, resolve_config, settings_dict)
 from preprocessing.transforms import check_geometry, preprocess_volume
+from tfseg._files import check_writable
 from tfseg.datasets.base import Dataset, Subject
 from tfseg.io import ImageMeta, check_finite, read_channels, read_label
 
@@ -364,13 +365,18 @@ def run_preprocessing(dataset: Dataset, data_dir: str | None, out_dir: str,
     options = {**dataset.options(), **(dataset_options or {})}
     fingerprint_hex = fingerprint(dataset, dataset_options, config)
 
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Cannot create the records folder {out_dir} ({error.strerror}); point "
+                         "--records_root at a writable folder.") from None
     manifest_path = os.path.join(out_dir, writer.manifest_name(num_shards, shard_index))
     known = _recorded_entries(out_dir, manifest_path, fingerprint_hex, data_dir)
     own_files = [writer.shard_name(s.subject_id) for s in selected] + [
         os.path.basename(manifest_path)]
-    for name in writer.remove_stale_temporaries(out_dir, own_files):
-        logging.info("Removed %s, left by an interrupted run.", name)
+    if os.access(out_dir, os.W_OK):
+        for name in writer.remove_stale_temporaries(out_dir, own_files):
+            logging.info("Removed %s, left by an interrupted run.", name)
 
     manifest = {
         "schema_version": _schema_version(), "preprocessing_version": PREPROCESSING_VERSION,
@@ -405,6 +411,19 @@ def run_preprocessing(dataset: Dataset, data_dir: str | None, out_dir: str,
         manifest["subjects"] = dict(sorted(manifest["subjects"].items()))
         writer.write_manifest(manifest_path, manifest)
 
+    previous = writer.read_manifest(manifest_path)
+    if (not todo and num_shards == 1 and previous is not None and previous.get("complete")
+            and previous.get("subjects") == dict(sorted(manifest["subjects"].items()))
+            and not previous.get("skipped")):
+        # Everything is there and recorded: write nothing (the records may be read-only).
+        logging.info("All %d subjects of %s are already in %s; nothing to do.", len(selected),
+                     dataset.name, out_dir)
+        return PreprocessSummary(
+            out_dir=out_dir, manifest_path=manifest_path, num_subjects=len(selected),
+            written=(), already_done=tuple(already_done), skipped={}, num_examples=0,
+            seconds=time.perf_counter() - start)
+    check_writable(out_dir, "records folder", "point --records_root at a writable folder, or "
+                   "preprocess there first")
     save()
     logging.info("Preprocessing %d subjects of %s into %s (%d already done, %d to do, %d "
                  "workers).", len(selected), dataset.name, out_dir, len(already_done), len(todo),

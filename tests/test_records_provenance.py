@@ -94,3 +94,63 @@ def test_train_refuses_records_of_another_data_folder(tmp_path):
                              records_dir=records)
     assert train.resolve_records(same, get_dataset("brats")) == records
     assert np.isfinite(load_subject(records, load_manifest(records)["subjects"].popitem()[0])[0]).all()
+
+
+def test_complete_records_are_reused_without_writing(tmp_path, monkeypatch):
+    """Training from records in a read-only folder: a complete, unchanged folder is not
+    written to (root ignores permissions, so the test forbids the writes themselves)."""
+    from preprocessing import writer
+
+    data = make_tiny(str(tmp_path / "data"), count=2)
+    out, _ = _preprocess(data, tmp_path / "records")
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("the records folder was written to")
+
+    monkeypatch.setattr(writer, "write_manifest", no_write)
+    monkeypatch.setattr(writer, "write_shard", no_write)
+    monkeypatch.setattr(runner, "check_writable", no_write)
+    again, _ = _preprocess(data, tmp_path / "records")
+    assert again == out
+
+
+def test_unwritable_records_and_run_folders_are_named(tmp_path):
+    from tfseg import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    data = make_tiny(str(tmp_path / "data"), count=1)
+    with pytest.raises(ValueError, match=r"records folder .*file/tiny.*--records_root"):
+        runner.preprocess_dataset(TinyDataset(), data, NO_N4, records_root=str(blocker))
+    with pytest.raises(ValueError, match=r"run folder .*file/run is not writable.*--run_dir"):
+        from tfseg._files import check_writable
+        check_writable(str(blocker / "run"), "run folder", "pass a writable --run_dir")
+    assert "check_writable(run_dir" in open(train.__file__).read()
+
+
+def test_train_allow_skips_trains_without_the_bad_subject(tmp_path, capsys):
+    """A subject that cannot be read stops launch.train with advice that works: --allow_skips
+    goes on without it and config.json lists it."""
+    import json
+
+    from launch import train as train_cli
+    from tests.test_regions import write_brats2018
+
+    data = str(tmp_path / "brats")
+    cases = write_brats2018(data, num_hgg=5, num_lgg_unlabeled=0, shape_zyx=(2, 16, 16))
+    bad = os.path.join(data, "HGG", cases[0], f"{cases[0]}_t2.nii.gz")
+    with open(bad, "wb") as f:
+        f.write(b"truncated")
+    argv = ["launch.train", "--method=supervised", "--dataset=brats", f"--data_dir={data}",
+            f"--records_root={tmp_path / 'records'}", f"--run_dir={tmp_path / 'run'}",
+            "--labeled=2", "--num_val=1", "--num_test=1", "--steps=2", "--validation_every=2",
+            "--non4", "--set=filters=4,8", "--set=batch_size=2", "--noexport", "--noevaluate"]
+    with pytest.raises(SystemExit):
+        train_cli.main(argv)
+    assert "--allow_skips" in capsys.readouterr().err
+    assert train_cli.main([*argv, "--allow_skips"]) == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        config = json.load(f)
+    assert list(config["skipped_subjects"]) == [cases[0]]
+    assert cases[0] not in {p for part in config["split"].values() if isinstance(part, list)
+                            for p in part}

@@ -77,6 +77,18 @@ def remove_stale_temporary_dirs(folder: str, name: str) -> list[str]:
     return removed
 
 
+def check_writable(folder: str, what: str, fix: str) -> None:
+    """Raises ValueError (one line naming `folder` and the fix) unless files can be created in
+    `folder` (created if missing)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = _create_temporary(folder, ".write-check", "")
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"The {what} {folder} is not writable ({error.strerror}); {fix}.") \
+            from None
+
+
 def _fsync(path: str) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

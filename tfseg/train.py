@@ -32,7 +32,7 @@ from absl import logging
 import tfseg
 from tfseg import callbacks as cb
 from tfseg import distribute
-from tfseg._files import write_json_atomic
+from tfseg._files import check_writable, write_json_atomic
 from tfseg.data import domains, pipeline, schema
 from tfseg.data import splits as splits_lib
 from tfseg.datasets import get_dataset
@@ -62,6 +62,9 @@ class TrainConfig:
       labeled / split_seed / num_val / num_test: the drawn split (tfseg.data.splits.draw_split).
       labeled_fraction: instead of `labeled`, a patient-level 7:1:2 split (test 20%, val 10%)
         with this fraction of the training patients labeled (splits.fraction_counts; DMNet).
+      allow_skips: preprocessing on first use goes on without subjects that cannot be read
+        (they are left out of the records, hence of every split; config.json lists them as
+        "skipped_subjects").
       steps / validation_every: None = the method's defaults.
       seed: training seed (weights, pipeline, augmentation); None = split_seed.
       distribute: "none" | "mirrored" | "multi_worker".
@@ -93,6 +96,7 @@ class TrainConfig:
     split: str | None = None
     labeled: int | None = None
     labeled_fraction: float | None = None
+    allow_skips: bool = False
     split_seed: int = 0
     num_val: int | None = None
     num_test: int | None = None
@@ -174,6 +178,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         _check_target(target, manifest, data_spec)
     run_dir = config.run_dir or os.path.join("runs", config.dataset, split.name, config.method,
                                              f"seed{config.training_seed}")
+    if chief:
+        check_writable(run_dir, "run folder", "pass a writable --run_dir")
     # Non-chief workers of a multi-worker run write to a private folder (docs/performance.md).
     output_dir = run_dir if chief else tempfile.mkdtemp(prefix="tfseg_worker_")
 
@@ -354,6 +360,7 @@ def resolve_records(config, dataset) -> str:
     return preprocess_dataset(dataset, config.data_dir, PreprocessConfig(n4=config.n4),
                               records_root=config.records_root,
                               workers=config.preprocess_workers,
+                              allow_skips=bool(getattr(config, "allow_skips", False)),
                               dataset_options=config.dataset_options)
 
 
@@ -393,7 +400,11 @@ def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
         seed=config.split_seed, num_val=num_val, num_test=num_test)
     split_path = os.path.join(config.records_root, config.dataset, "splits", f"{split.name}.json")
     if not os.path.isfile(split_path) or splits_lib.load_split(split_path) != split:
-        splits_lib.save_split(split, split_path)
+        try:
+            splits_lib.save_split(split, split_path)
+        except OSError as error:  # read-only records: the run's config.json keeps the split
+            logging.warning("Could not save the split to %s (%s); it is recorded in the run's "
+                            "config.json.", split_path, error.strerror)
     return split
 
 
@@ -441,6 +452,7 @@ def _run_config(config, method, data_spec, split, records_dir, run_dir, policy, 
         "git_commit": _git_commit(), "schema_version": schema.SCHEMA_VERSION,
         "tfseg_version": tfseg.__version__, "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__, "checkpoint_policy": policy,
+        "skipped_subjects": dict(pipeline.load_manifest(records_dir).get("skipped") or {}),
     }
 
 
