@@ -253,6 +253,9 @@ def test_weight_decay_modes_and_optimizers():
     assert (defaults.temperature, defaults.adversarial_weight, defaults.semi_weight,
             defaults.weight_decay, defaults.poly_power) == (0.5, 0.01, 0.1, 5e-5, 0.9)
     assert dmnet.PRESETS["paper"]["blocks"] == (3, 4, 23, 3)
+    # The paper's only augmentation is the in-step flip; `augment` adds pipeline augmentation.
+    assert l2.pipeline_augment == "none"
+    assert _method(augment="intensity").pipeline_augment == "intensity"
 
 
 @pytest.mark.parametrize("change, spec, message", [
@@ -264,6 +267,7 @@ def test_weight_decay_modes_and_optimizers():
                                                   r"of 16"),
     ({}, DataSpec(3, 1, 2, ("b", "t"), (16, 16, 16)), r"dmnet is a 2D method"),
     ({"flip_probability": 2.0}, SPEC, r"flip_probability must be in \[0, 1\]"),
+    ({"augment": "bogus"}, SPEC, r"augment='bogus': .*unknown operation 'bogus'"),
 ])
 def test_bad_settings_are_refused(change, spec, message):
     with pytest.raises(ValueError, match=message):

@@ -87,9 +87,9 @@ PRESETS = {
               "batch_size": 10, "unlabeled_batch_size": 10, "steps": 20000, "semi_start": 5000},
     # QUICK_HEADER
     "quick": {**dmnet.QUICK_NETWORK, "optimizer": "adam", "learning_rate": 1e-3,
-              "weight_decay": 5e-5, "disc_learning_rate": 1e-4, "batch_size": 8,
-              "unlabeled_batch_size": 8, "steps": 600, "semi_start": 150,
-              "validation_every": 100},
+              "weight_decay": 5e-5, "disc_learning_rate": 1e-4, "augment": "intensity",
+              "batch_size": 4, "unlabeled_batch_size": 4, "steps": 150, "semi_start": 40,
+              "validation_every": 50},
 }
 
 
@@ -147,6 +147,7 @@ class AdvSeg(SegMethod):
         super().__init__(config, data_spec, build_segmentor(config, data_spec),
                          labeled_batch_size=config.batch_size,
                          unlabeled_batch_size=config.unlabeled_batch_size,
+                         pipeline_augment=config.augment,
                          size_multiple=dmnet_nets.SIZE_MULTIPLE, loss_names=LOSS_NAMES, **kwargs)
         self.discriminator = dmnet_nets.build_discriminator(
             data_spec.num_classes, config.disc_filters, activation=config.disc_activation)
