@@ -432,6 +432,6 @@ def test_brats2015_supervised_train_end_to_end(tmp_path):
     with open(os.path.join(run, "summary.json")) as stream:
         summary = json.load(stream)
     # Evaluated per region on the held-out patient, back on the original grid.
-    assert summary["classes"] == ["whole_tumour", "tumour_core", "enhancing_tumour"]
+    assert list(summary["classes"]) == ["whole_tumour", "tumour_core", "enhancing_tumour"]
     assert summary["targets"] == "regions" and summary["num_subjects"] == 1
     assert 0.0 <= summary["mean_dice"] <= 1.0
