@@ -153,7 +153,13 @@ def test_gan_step_trains_translators_fills_pools_and_draws_panels():
         assert image.shape == (1, 16, 48, 1) and 0.0 <= image.min() and image.max() <= 1.0
     translated = method.translate_to_source(data["target"]["image"])
     assert translated.shape == (2, 16, 16, 2)
-    assert 0.0 <= float(tf.reduce_min(translated)) and float(tf.reduce_max(translated)) <= 1.0
+    assert -1.0 <= float(tf.reduce_min(translated)) and float(tf.reduce_max(translated)) <= 2.0
+    # The default range keeps a normalised background (a negative constant) representable.
+    values = tf.constant([[-0.9, 0.0, 0.5, 1.4]])
+    np.testing.assert_allclose(method.from_gan_range(method.to_gan_range(values)).numpy(),
+                               values.numpy(), atol=1e-6)
+    np.testing.assert_allclose(method.to_gan_range(tf.constant([[-3.0, 5.0]])).numpy(),
+                               [[-1.0, 1.0]])          # clipped beyond the range
 
 
 def test_a_cyclegan_run_has_no_segmentation_to_evaluate():

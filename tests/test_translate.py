@@ -55,7 +55,7 @@ def test_translates_files_onto_their_own_geometry(cyclegan_run, tmp_path, capsys
     np.testing.assert_allclose(meta.origin_xyz, original_meta.origin_xyz)
     np.testing.assert_allclose(meta.direction, original_meta.direction)
     assert np.isfinite(translated).all()
-    assert translated.min() >= -1e-5 and translated.max() <= 1.0 + 1e-5  # intensity_range
+    assert translated.min() >= -1.0 - 1e-5 and translated.max() <= 2.0 + 1e-5  # [-1, 2]
     assert np.abs(translated).max() > 0
 
 

@@ -19,8 +19,9 @@ source domain before semi-supervised training.
   sees, per image, the new fake or (with probability ½ once the pool is full) an older one, which
   the new fake replaces. The pools and their fill counts are method state (`add_state`), saved
   with every checkpoint and resume round, so a resumed run continues with the same history.
-- Intensities: the preprocessed images (foreground percentiles 2/98 -> 0/1) are mapped from
-  `intensity_range` (default [0, 1]) to [−1, 1] and clipped; translations are mapped back.
+- Intensities: the preprocessed images (foreground percentiles 2/98 -> 0/1, background a
+  negative constant) are mapped from `intensity_range` (default [−1, 2]) to [−1, 1] and clipped;
+  translations are mapped back.
   Target slices whose in-plane size differs from the source's are centre-cropped / zero-padded
   to it (both are resampled to the same spacing by preprocessing); `crop_size` trains on random
   square crops of that size (CycleGAN's 256² crops; the quick preset's 64²).
@@ -65,7 +66,10 @@ class TranslationConfig:
       gan_batch_size: images per domain per GAN step (1).
       crop_size: train the GAN on random crops of this side (at most the slice size); None =
         whole slices.
-      intensity_range: (low, high) preprocessed intensities mapped to [−1, 1] (clipped).
+      intensity_range: (low, high) preprocessed intensities mapped to [−1, 1] (clipped). The
+        default covers the background too: percentile normalisation maps the foreground's 2nd/98th
+        percentiles to 0/1 and the zero background to a negative constant (−0.5 to −0.9 on
+        synthetic_tumor), which the translation must reproduce.
     """
 
     generator_filters: int = 64
@@ -78,7 +82,7 @@ class TranslationConfig:
     pool_size: int = 50
     gan_batch_size: int = 1
     crop_size: int | None = None
-    intensity_range: tuple[float, float] = (0.0, 1.0)
+    intensity_range: tuple[float, float] = (-1.0, 2.0)
 
 
 @dataclasses.dataclass(frozen=True)

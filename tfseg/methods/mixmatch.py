@@ -95,7 +95,7 @@ PRESETS = {
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
               "steps": 300, "validation_every": 100, "generator_filters": 16,
               "discriminator_filters": 16, "residual_blocks": 3, "gan_batch_size": 4,
-              "crop_size": 64, "gan_steps": 200},
+              "crop_size": 64, "gan_steps": 200, "rampup_steps": 300},
 }
 
 SPATIAL_DIMS = (2,)
