@@ -33,6 +33,9 @@ flags.DEFINE_integer("labeled", None, "Draw a split with this many labeled patie
 flags.DEFINE_float("labeled_fraction", None, "Instead of --labeled: a patient-level 7:1:2 "
                   "split (test 20%, val 10%) with this fraction of the training patients "
                   "labeled, e.g. 0.1 (DMNet's protocol).", **_F)
+flags.DEFINE_bool("deterministic", False, "TensorFlow op determinism: the same command and "
+                  "seed give the same weights and test metrics on the same machine (slower; "
+                  "recorded in config.json).", **_F)
 flags.DEFINE_bool("allow_skips", False, "Preprocessing on first use goes on without subjects "
                   "that cannot be read (listed in config.json as skipped_subjects) instead of "
                   "stopping.", **_F)
@@ -96,7 +99,7 @@ def main(argv) -> int:
             data_dir=FLAGS.data_dir, records_root=FLAGS.records_root,
             records_dir=FLAGS.records_dir, run_dir=FLAGS.run_dir,
             split=FLAGS.split, labeled=FLAGS.labeled, labeled_fraction=FLAGS.labeled_fraction,
-            allow_skips=FLAGS.allow_skips,
+            allow_skips=FLAGS.allow_skips, deterministic=FLAGS.deterministic,
             split_seed=FLAGS.split_seed,
             num_val=FLAGS.num_val, num_test=FLAGS.num_test, steps=FLAGS.steps,
             validation_every=FLAGS.validation_every, seed=FLAGS.seed,

@@ -382,3 +382,38 @@ def test_same_seed_gives_the_same_training_run(tmp_path, records):
         run_training(config)
         losses.append([row["loss"] for row in _log_rows(str(tmp_path / name))])
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_deterministic_runs_are_identical_end_to_end(tmp_path, records):
+    """--deterministic: two whole runs (own processes: op determinism is process-wide) give
+    bit-identical weights and the same logged losses and validation Dice (these records have no
+    raw label files to test on; tests/test_synthetic_tumor.py runs the test metrics)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for name in ("first", "second"):
+        run_dir = tmp_path / name
+        argv = [sys.executable, "-m", "launch.train", "--method=supervised",
+                "--dataset=synthetic_cardiac", f"--records_dir={records}",
+                f"--run_dir={run_dir}", "--split=" + str(tmp_path / "split.json"),
+                "--steps=6", "--validation_every=3", "--deterministic", "--noexport",
+                "--noevaluate",
+                "--set=filters=4,8", "--set=batch_size=2", "--set=augment=affine"]
+        if name == "first":
+            from tfseg.data.splits import Split, save_split
+            save_split(Split("t", labeled=("p00", "p01"), unlabeled=("u00",), val=("p02",),
+                             test=("p03", "p04")), str(tmp_path / "split.json"))
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with open(run_dir / "config.json") as f:
+            assert json.load(f)["train"]["deterministic"] is True
+        with open(run_dir / "checkpoints" / "predictor.weights.h5", "rb") as f:
+            weights = hashlib.sha256(f.read()).hexdigest()
+        rows = [{k: v for k, v in row.items() if k != "elapsed_s"}
+                for row in _log_rows(str(run_dir))]
+        results.append((weights, rows))
+    assert results[0] == results[1] and len(results[0][1]) == 2

@@ -69,6 +69,12 @@ class TrainConfig:
       seed: training seed (weights, pipeline, augmentation); None = split_seed.
       distribute: "none" | "mirrored" | "multi_worker".
       mixed_precision: "none" | "bf16" (mixed_bfloat16 compute, float32 variables and losses).
+      deterministic: TensorFlow op determinism (`tf.config.experimental.
+        enable_op_determinism`, for the rest of the process): the same command and seed on the
+        same machine then give the same weights and test metrics. Off by default because it
+        costs speed (docs/performance.md) and because without it runs still match in
+        everything but the CPU kernels' floating-point summation order, which makes two runs
+        drift apart slowly.
       preset / overrides: method config preset name and "name=value" overrides.
       n4: N4 bias-field correction in preprocessing (MR datasets).
       preprocess_workers: parallel subjects during preprocessing on first use.
@@ -105,6 +111,7 @@ class TrainConfig:
     seed: int | None = None
     distribute: str = "none"
     mixed_precision: str = "none"
+    deterministic: bool = False
     preset: str | None = None
     overrides: tuple[str, ...] = ()
     n4: bool = True
@@ -184,6 +191,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     output_dir = run_dir if chief else tempfile.mkdtemp(prefix="tfseg_worker_")
 
     keras.utils.set_random_seed(config.training_seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
