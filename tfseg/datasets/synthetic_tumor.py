@@ -379,14 +379,15 @@ class SyntheticTumorTarget(_Generated, folder_lib.FolderDataset):
                 for s in subjects]
 
 
-def make_dataset(domain: str = "source", target: str = "regions",
-                 modalities: str | tuple[str, ...] = brats.MODALITIES,
+def make_dataset(domain: str = "source", target: str | None = None,
+                 modalities: str | tuple[str, ...] | None = None,
                  num_training: int = NUM_TRAINING, num_testing: int = NUM_TESTING,
                  target_counts: Sequence[int] = (NUM_TARGET_LABELED, NUM_TARGET_UNLABELED,
                                                  NUM_TARGET_TEST),
                  **brats_options: Any):
     """One domain of synthetic_tumor with the BraTS options (`target`, `modalities`, and any
     further BraTS option such as `protocol`; the target domain takes target and modalities).
+    `target` / `modalities` None: the protocol's (BraTS default: regions, all four).
 
     Raises:
       ValueError: for an unknown domain or a BraTS option error.
@@ -414,4 +415,4 @@ def make_dataset(domain: str = "source", target: str = "regions",
     return SyntheticTumorTarget(modalities=facts.modalities, class_names=facts.class_names,
                                 label_values=facts.label_values, label_map=facts.label_map,
                                 regions=facts.regions, region_paint=facts.region_paint,
-                                target=target, **counts)
+                                target=facts.target, **counts)
