@@ -56,6 +56,12 @@ def main(argv) -> int:
         if len(tile) != 3 or min(tile) < 1:
             _common.fail(PROGRAM, f"--tile_size={','.join(FLAGS.tile_size)}: expected 3 "
                                   "positive integers, e.g. 64,64,64.")
+    from tfseg._files import check_writable
+
+    try:  # before the (slow) model load and inference
+        check_writable(FLAGS.output, "output folder", "pass a writable --output")
+    except ValueError as error:
+        _common.fail(PROGRAM, str(error))
     from tfseg.predict import predict_inputs  # after the environment is set: imports TF
 
     try:

@@ -138,3 +138,16 @@ def test_wrong_dimensionality_is_rejected(tmp_path):
     write_image(np.zeros((7, 9), np.float32), meta, path)
     with pytest.raises(ValueError, match=r"slice.nii.gz is a 2D image; this 3D model needs 3D"):
         read_scan(Scan("slice", (path,)), model)
+
+
+def test_unwritable_output_is_refused_before_inference(tmp_path, capsys):
+    from launch import predict as predict_cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main(["launch.predict", "--model=/nonexistent/model",
+                          "--input=/nonexistent/scan.nii.gz", f"--output={blocker / 'out'}"])
+    assert exit_info.value.code == 2
+    assert re.search(r"output folder .*file/out is not writable.*--output",
+                     capsys.readouterr().err)

@@ -203,15 +203,25 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
         # A loaded signature does not enforce its TensorSpec's shape (and oneDNN aborts the whole
         # process on a wrong rank), so check before any convolution runs. `tf.rank` would be
         # folded to the static rank at trace time; EnsureShape is checked at run time.
-        checks = [
-            tf.debugging.assert_equal(
-                tf.shape(image)[-1], int(channels),
-                message=f"image must have {channels} channel(s) ({names}) on its last axis"),
-            tf.debugging.assert_positive(
-                tf.shape(image), message="image must have non-empty batch and spatial axes"),
-        ]
+        # The rank first (a rank-2 input is told its rank is wrong, not its channel count).
+        rank = tf.debugging.assert_equal(
+            tf.size(tf.shape(image)), spatial_dims + 2,
+            message=f"image must have rank {spatial_dims + 2} (batch, "
+                    f"{'z, ' if spatial_dims == 3 else ''}y, x, channels)")
+        with tf.control_dependencies([rank]):
+            checks = [
+                tf.debugging.assert_equal(
+                    tf.shape(image)[-1], int(channels),
+                    message=f"image must have {channels} channel(s) ({names}) on its last axis"),
+                tf.debugging.assert_positive(
+                    tf.shape(image), message="image must have non-empty batch and spatial axes"),
+                # NaN / Inf would give confident garbage: refuse them.
+                tf.debugging.assert_all_finite(
+                    image, message="image has NaN or infinite values; fix the scan (or its "
+                                   "preprocessing) before segmenting it"),
+            ]
         with tf.control_dependencies(checks):
-            image = tf.ensure_shape(image, signature.shape)  # the rank
+            image = tf.ensure_shape(image, signature.shape)
         shape = tf.shape(image)
         spatial_axes = list(range(1, spatial_dims + 1))
         background = tf.reduce_min(image, axis=spatial_axes, keepdims=True)  # (B, 1.., C)
