@@ -37,6 +37,8 @@ flags.DEFINE_list("tile_size", None, "3D sliding-window tile D,H,W (default: the
                   "tile_size_zyx, the training patch grown within 128^3 voxels).", **_F)
 flags.DEFINE_boolean("overlays", False, "Also write <subject>_overlay.png beside each "
                      "prediction: its contours on evenly spaced slices of the scan.", **_F)
+flags.DEFINE_integer("frame", None, "For 4D inputs (e.g. a cine series): segment this frame "
+                     "(0-based) of each input file.", **_F)
 flags.DEFINE_float("overlap", None, "3D sliding-window overlap in [0, 1) (default: the "
                    "export's, 0.5).", **_F)
 
@@ -68,7 +70,8 @@ def main(argv) -> int:
         written = predict_inputs(FLAGS.model, FLAGS.input, FLAGS.output,
                                  dataset_name=FLAGS.dataset, tile_batch=FLAGS.tile_batch,
                                  flip_tta=FLAGS.flip_tta, tile_size_zyx=tile,
-                                 overlap=FLAGS.overlap, overlays=FLAGS.overlays)
+                                 overlap=FLAGS.overlap, overlays=FLAGS.overlays,
+                                 frame=FLAGS.frame)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     for path in written:

@@ -151,3 +151,22 @@ def test_unwritable_output_is_refused_before_inference(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert re.search(r"output folder .*file/out is not writable.*--output",
                      capsys.readouterr().err)
+
+
+def test_a_4d_file_names_the_frame_flag_and_the_frame_is_read(tmp_path):
+    import dataclasses as dc
+
+    from tfseg.predict import ExportedModel, Scan, read_scan
+
+    model = ExportedModel(path="m", probabilities=None, config=None, dataset=None,
+                          assets={"spatial_dims": 2, "modalities": ["cine"]})
+    meta = ImageMeta((1.5, 1.5, 8.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (6, 5, 3),
+                     num_channels=4)
+    frames = np.stack([np.full((3, 5, 6), float(t), np.float32) for t in range(4)], -1)
+    path = str(tmp_path / "patient001_4d.nii.gz")
+    write_image(frames, meta, path)
+    with pytest.raises(ValueError, match=r"holds 4 frames .*--frame=K \(0..3\)"):
+        read_scan(Scan("patient001", (path,)), model)
+    arrays, metas, _ = read_scan(dc.replace(Scan("patient001", (path,)), channel_indices=(2,)),
+                                 model)
+    assert len(arrays) == 1 and np.all(arrays[0] == 2.0) and metas[0].num_channels == 1

@@ -234,6 +234,12 @@ def read_scan(scan: Scan, model: ExportedModel
             else:
                 volumes.append((array, meta))
                 sources.append(path)
+    if len(volumes) != len(expected) and len(expected) == 1 and len(scan.image_paths) == 1 \
+            and len(volumes) > 1:
+        raise ValueError(f"{scan.image_paths[0]} holds {len(volumes)} frames or channels (a 4D "
+                         f"image); the model segments one volume ({expected[0]}). Pick the frame "
+                         f"with --frame=K (0..{len(volumes) - 1}), e.g. the ED or ES phase of a "
+                         "cine series, or pass a single-frame file.")
     if len(volumes) != len(expected):
         raise ValueError(f"The model expects {len(expected)} modalit"
                          f"{'y' if len(expected) == 1 else 'ies'} ({', '.join(expected)}), "
@@ -283,7 +289,7 @@ def predict_scan(model: ExportedModel, scan: Scan, *, tile_batch: int = 4,
 def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
                    dataset_name: str | None = None, tile_batch: int = 4, flip_tta: bool = False,
                    tile_size_zyx: Sequence[int] | None = None, overlap: float | None = None,
-                   overlays: bool = False) -> list[str]:
+                   overlays: bool = False, frame: int | None = None) -> list[str]:
     """Predicts every scan of `input_spec` and writes `<output_dir>/<subject>_seg.nii.gz`
     (and, with `overlays`, its montage `<subject>_overlay.png`, `tfseg.visualize`).
 
@@ -301,6 +307,9 @@ def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
 
     model = load_exported_model(model_dir)
     scans = find_scans(input_spec, model, dataset_name)
+    if frame is not None:  # one frame (channel) of 4D inputs, e.g. a cine phase
+        scans = [dataclasses.replace(s, channel_indices=(int(frame),) * len(s.image_paths))
+                 for s in scans]
     written, failures = [], []
     for position, scan in enumerate(scans, 1):
         started = time.perf_counter()
