@@ -242,6 +242,21 @@ def test_train_step_loss_is_the_papers_sum_golden():
         logs["dice_loss"] + 0.01 * logs["adv_loss"] + 0.1 * logs["semi_loss"], rel=1e-5)
 
 
+def test_stream_batches_sets_the_batch_norm_batches():
+    """"joint": one call over [labeled; unlabeled] (batch statistics of both); "separate": the
+    labeled logits are those of the labeled slices alone."""
+    data = _batch()
+    inputs = tf.concat([data["labeled"]["image"], data["unlabeled"]["image"]], 0)
+    for mode in ("joint", "separate"):
+        method = _method(stream_batches=mode)
+        first, _ = method.forward(inputs, 2)
+        alone, _ = method.branches(inputs[:2], training=True)
+        together, _ = method.branches(inputs, training=True)
+        np.testing.assert_allclose(first.numpy()[:2], (alone if mode == "separate"
+                                                       else together).numpy()[:2], atol=1e-5)
+        assert not np.allclose(alone.numpy(), together.numpy()[:2], atol=1e-3)
+
+
 def test_weight_decay_modes_and_optimizers():
     l2 = _method()
     assert l2.seg_optimizer.weight_decay is None and l2.disc_optimizer.weight_decay is None
@@ -268,6 +283,7 @@ def test_weight_decay_modes_and_optimizers():
     ({}, DataSpec(3, 1, 2, ("b", "t"), (16, 16, 16)), r"dmnet is a 2D method"),
     ({"flip_probability": 2.0}, SPEC, r"flip_probability must be in \[0, 1\]"),
     ({"augment": "bogus"}, SPEC, r"augment='bogus': .*unknown operation 'bogus'"),
+    ({"stream_batches": "mixed"}, SPEC, r"stream_batches='mixed'; choose one of"),
 ])
 def test_bad_settings_are_refused(change, spec, message):
     with pytest.raises(ValueError, match=message):

@@ -74,6 +74,7 @@ VARIANTS = {
     "no_adv_no_sharpen": Variant(semi=True, adversarial=False, sharpen=False),
 }
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
+STREAM_BATCHES = ("joint", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,8 @@ class NetworkFields:
       flip_probability: random horizontal flip of every slice (in the step).
       augment: extra augmentation of the labeled slices by the input pipeline, "none" (the
         papers) or e.g. "intensity", "affine+intensity" (`tfseg.data.augment`).
+      stream_batches: "joint" (labeled and unlabeled slices in one forward pass, one set of
+        batch-norm statistics) or "separate" (one forward pass per stream).
       batch_size, unlabeled_batch_size: slices per step.
       steps, validation_every: the run.
     """
@@ -107,6 +110,7 @@ class NetworkFields:
     poly_power: float = 0.9
     flip_probability: float = 0.5
     augment: str = "none"
+    stream_batches: str = "joint"
     batch_size: int = 10
     unlabeled_batch_size: int = 10
     steps: int = 20000
@@ -206,6 +210,9 @@ def check_network(config: NetworkFields, data_spec: DataSpec, what: str) -> None
 def check_training(config, what: str, non_negative: tuple[str, ...]) -> None:
     """Batch sizes, steps, validation_every >= 1; flip probability in [0, 1]; the listed fields
     and the learning rates >= 0; a known 2D augmentation."""
+    if config.stream_batches not in STREAM_BATCHES:
+        raise ValueError(f"{what}: stream_batches={config.stream_batches!r}; choose one of "
+                         f"{list(STREAM_BATCHES)}.")
     try:
         augment_lib.parse_spec(config.augment, 2)
     except ValueError as error:
@@ -320,6 +327,15 @@ class DMNet(SegMethod):
             return 0.0
         return l2_penalty([network], self.config.weight_decay)
 
+    def forward(self, inputs, batch):
+        """Both branches' logits of [labeled; unlabeled]: one call ("joint": batch norm
+        statistics over both streams), or one call per stream ("separate")."""
+        if self.config.stream_batches == "joint" or not self.variant.semi:
+            return self.branches(inputs, training=True)
+        labeled = self.branches(inputs[:batch], training=True)
+        unlabeled = self.branches(inputs[batch:], training=True)
+        return [tf.concat([a, b], 0) for a, b in zip(labeled, unlabeled)]
+
     def adversarial_terms(self, first, second, targets):
         """D on [p¹; p²; y] in one pass. Returns (L_adv (N,) per example, L_D scalar, D(y) and
         D(p) mean probabilities)."""
@@ -349,8 +365,8 @@ class DMNet(SegMethod):
                                 c.flip_probability)
             inputs = tf.concat([images, unlabeled], 0)                   # (B + B', H, W, C)
         with tf.GradientTape(persistent=variant.adversarial) as tape:
-            # 2. one forward pass of both branches over every slice
-            first, second = self.branches(inputs, training=True)         # 2 × (N, H, W, K)
+            # 2. one forward pass of both branches over every slice (or one per stream)
+            first, second = self.forward(inputs, batch)                  # 2 × (N, H, W, K)
             # 3. supervised Dice on both branches (labeled part)
             dice = (dice_loss(targets, first[:batch], c.dice_smooth)
                     + dice_loss(targets, second[:batch], c.dice_smooth))
