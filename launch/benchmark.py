@@ -38,6 +38,8 @@ flags.DEFINE_boolean("n4", True, "N4 in the records trained on (as launch.train 
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel when the records "
                      "are made on first use.", **_F)
 flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
+flags.DEFINE_multi_string("dataset_option", [], "Dataset option: --dataset_option=name=value "
+                          "(repeatable), e.g. target=binary for brats / synthetic_tumor.", **_F)
 flags.DEFINE_string("split", None, "A published split name or a split JSON file; default the "
                     "dataset's default split.", **_F)
 flags.DEFINE_integer("labeled", None, "Draw a split with this many labeled patients.", **_F)
@@ -87,7 +89,9 @@ def main(argv) -> int:
     try:
         config = benchmark.BenchmarkConfig(
             method=FLAGS.method, dataset=FLAGS.dataset,
-            dataset_options={"phase": FLAGS.phase} if FLAGS.phase else {},
+            dataset_options={**_common.parse_options(FLAGS.dataset_option, PROGRAM,
+                                                     "--dataset_option"),
+                             **({"phase": FLAGS.phase} if FLAGS.phase else {})},
             data_dir=FLAGS.data_dir, records_root=FLAGS.records_root,
             records_dir=FLAGS.records_dir, n4=FLAGS.n4,
             preprocess_workers=FLAGS.preprocess_workers, split=FLAGS.split,
