@@ -96,11 +96,9 @@ class Config(TranslationConfig):
 
 
 PRESETS = {
-    # `python -m launch.train --method=cyclegan --dataset=synthetic_tumor --dataset_option=target=binary --target_dataset=synthetic_tumor --target_option=domain=target --target_option=target=binary --preset=paper`:
-    # CycleGAN's published settings (not run here: ~1 s per step on 2 cores at 192²).
+    # `python -m launch.train --method=cyclegan --dataset=synthetic_tumor --dataset_option=target=binary --target_dataset=synthetic_tumor --target_option=domain=target --target_option=target=binary --preset=paper`: CycleGAN's published settings; not run (40k steps at full size).
     "paper": {},
-    # `python -m launch.train --method=cyclegan --dataset=synthetic_tumor --target_dataset=synthetic_tumor --target_option=domain=target --preset=quick`:
-    # 64² crops, f=16, 3 blocks, batch 4: see docs/results/mixmatch.md (translators only, no Dice).
+    # same with `--preset=quick`: not run alone; its 200-step stage inside mixmatch quick took 122-135 s on 2 busy cores (translators only, no Dice; the translation is examined in docs/results/mixmatch.md).
     "quick": {"generator_filters": 16, "discriminator_filters": 16, "residual_blocks": 3,
               "gan_batch_size": 4, "crop_size": 64, "steps": 400, "validation_every": 100},
 }

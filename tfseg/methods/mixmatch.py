@@ -88,10 +88,9 @@ class Config(cyclegan.TranslationConfig, supervised.Config):
 
 
 PRESETS = {
-    # `python -m launch.train --method=mixmatch --dataset=synthetic_tumor --dataset_option=target=binary --target_dataset=synthetic_tumor --target_option=domain=target --target_option=target=binary --labeled=4 --preset=paper`:
-    # the paper's settings (Config defaults; CycleGAN at full size). Not run on 2 cores.
+    # `python -m launch.train --method=mixmatch --adapt=cyclegan --dataset=synthetic_tumor --dataset_option=target=binary --target_dataset=synthetic_tumor --target_option=domain=target --target_option=target=binary --labeled=4 --preset=paper`: not run (40k CycleGAN + 10k MixMatch steps at full size: far beyond 2 cores today).
     "paper": {},
-    # same command with --preset=quick: see docs/results/mixmatch.md for runtimes and target Dice.
+    # same with `--preset=quick --steps=300 --set=loss=weighted_ce --set=augment=flip+intensity --non4`: 5-10 min on 2 busy cores, target Dice 0.385/0.000/0.333 over 3 draws (--adapt=none: 3-4 min, 0.453/0.001/0.466; source-only 0.341/0.549/0.480), docs/results/mixmatch.md.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
               "steps": 300, "validation_every": 100, "generator_filters": 16,
               "discriminator_filters": 16, "residual_blocks": 3, "gan_batch_size": 4,
