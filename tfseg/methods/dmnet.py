@@ -160,11 +160,15 @@ PRESETS = {
     # batch 10 + 10, 20 000 steps (GPU-sized; not run on this machine).
     "paper": {"blocks": (3, 4, 23, 3), "batch_size": 10, "unlabeled_batch_size": 10,
               "learning_rate": 1e-4, "disc_learning_rate": 1e-5, "steps": 20000},
-    # QUICK_HEADER
-    # With one labeled subject and no intensity augmentation every variant keys on that
-    # subject's exact background value and floods other subjects (val Dice 0.03), so quick adds
-    # the pipeline's intensity augmentation of labeled slices (not in the paper;
-    # docs/results/dmnet.md).
+    # `python -m launch.train --method=dmnet --preset=quick --dataset=synthetic_tumor
+    # --dataset_option=target=binary --dataset_option=modalities=t1,t1ce,t2 --labeled_fraction=0.1`:
+    # 3.5-7 min wall per run on 2 cores shared by four engineers (load 9-13), test Dice 0.192 over
+    # three labeled draws (0.114, 0.311, 0.151) vs 0.509 for --set=variant=sup, mIoU 0.42 vs 0.68
+    # (docs/results/dmnet.md: the joint labeled+unlabeled batch is the cause; try
+    # --set=stream_batches=separate, 0.273 vs 0.284 on one draw). With one labeled subject and
+    # no intensity augmentation every variant keys on that subject's exact background value and
+    # floods other subjects (val Dice 0.03), so quick adds the pipeline's intensity augmentation
+    # of labeled slices (not in the paper).
     "quick": {**QUICK_NETWORK, "batch_size": 4, "unlabeled_batch_size": 4,
               "learning_rate": 1e-3, "disc_learning_rate": 1e-4, "augment": "intensity",
               "steps": 150, "validation_every": 50},
