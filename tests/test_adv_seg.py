@@ -101,6 +101,19 @@ def test_optimisers_defaults_and_predictor(tmp_path):
     np.testing.assert_allclose(rebuilt(x).numpy(), expected, atol=1e-5)
 
 
+def test_stream_batches_separate_forwards_each_stream_alone():
+    data = _batch()
+    labeled, unlabeled = data["labeled"]["image"], data["unlabeled"]["image"]
+    for mode in ("joint", "separate"):
+        method = _method(stream_batches=mode)
+        logits = method.forward(labeled, unlabeled).numpy()
+        alone = method.segmentor(labeled, training=True).numpy()
+        together = method.segmentor(tf.concat([labeled, unlabeled], 0), training=True).numpy()
+        np.testing.assert_allclose(logits[:2], alone if mode == "separate" else together[:2],
+                                   atol=1e-5)
+        assert not np.allclose(alone, together[:2], atol=1e-3)
+
+
 def test_training_changes_segmentor_and_discriminator():
     method = _method(optimizer="adam", learning_rate=1e-2, disc_learning_rate=1e-2,
                      semi_start=0)

@@ -22,7 +22,9 @@ BMVC 2018. The baseline DMNet (Fang & Li, MICCAI 2020) builds on and compares wi
 - Optimisers (Hung et al.'s code): S SGD lr 2.5e-4, momentum 0.9, weight decay 5e-4 (L2 added to
   the gradient, as PyTorch's SGD does); D Adam lr 1e-4, β = (0.9, 0.99); both with poly decay
   power 0.9 over `steps`. Batch 10, 20 000 iterations. Random horizontal flip p = 0.5 in the
-  step (Hung et al. also randomly rescaled; not done here). The quick preset uses Adam for S
+  step (Hung et al. also randomly rescaled; not done here). `stream_batches`: labeled and
+  unlabeled slices in one forward pass ("joint", default) or one pass each ("separate"; see
+  docs/results/dmnet.md for why it matters with one labeled subject). The quick preset uses Adam for S
   (SGD at 2.5e-4 barely moves a network trained from scratch in a few hundred steps).
 """
 from __future__ import annotations
@@ -170,6 +172,14 @@ class AdvSeg(SegMethod):
         return {"seg_optimizer": (seg, [self.segmentor]),
                 "disc_optimizer": (disc, [self.discriminator])}
 
+    def forward(self, images, unlabeled):
+        """S's logits of [labeled; unlabeled]: one call ("joint", batch-norm statistics of both
+        streams) or one per stream ("separate")."""
+        if self.config.stream_batches == "separate":
+            return tf.concat([self.segmentor(images, training=True),
+                              self.segmentor(unlabeled, training=True)], 0)
+        return self.segmentor(tf.concat([images, unlabeled], 0), training=True)
+
     def seg_loss(self, targets, logits) -> tf.Tensor:
         if self.config.seg_loss == "dice":
             return dmnet.dice_loss(targets, logits, 1.0)
@@ -188,7 +198,7 @@ class AdvSeg(SegMethod):
         semi_on = tf.cast(self.seg_optimizer.iterations >= c.semi_start, tf.float32)
         with tf.GradientTape(persistent=True) as tape:
             # 2. one forward pass of S over labeled + unlabeled, one of D over [p_l; p_u; y]
-            logits = self.segmentor(tf.concat([images, unlabeled], 0), training=True)
+            logits = self.forward(images, unlabeled)                       # (B + B', H, W, K)
             probabilities = tf.nn.softmax(logits)
             outputs = self.discriminator(tf.concat([probabilities, targets], 0), training=True)
             fake_labeled, fake_unlabeled = outputs[:batch], outputs[batch:total]
