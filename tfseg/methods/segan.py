@@ -38,6 +38,16 @@ Choices where the paper leaves room (and the public code differs):
 - the segmentor runs once per train step: its prediction feeds the critic step (gradient
   stopped) and, against the updated critic, the segmentor step (the public code ran it twice).
 
+Measured (docs/results/segan.md, synthetic_tumor, 3 labeled subjects, quick budget): with
+c = 0.01 every critic kernel, batch-norm γ and β lies in [−0.01, 0.01], so each deeper layer's
+term of L is 5–10× smaller than the one before and the masked input's own term
+mean |x∘S(x) − x∘y| makes up most of L: the segmentor is trained, in effect, by an
+intensity-weighted L1 loss on its probabilities. Its minimiser on a voxel of uncertain label is
+the median, i.e. 0 for a region covering well under 1 % of a slice: S3-1C matched the
+cross-entropy comparator on the whole tumour (S3-3C was worse), but SegAN mostly predicted no
+tumour core or enhancing tumour where the comparator found some; `dice_weight=1` brings the core
+back, about as much as the same Dice term lifts the comparator.
+
 Tracked: loss (the segmentor's total), ms_l1 (L after the critic step), critic_ms_l1 (L the
 critic maximised), dice_loss (soft Dice of the prediction, tracked whatever its weight),
 seg_grad_norm, critic_grad_norm.
@@ -95,11 +105,15 @@ class Config:
 
 PRESETS = {
     # `python -m launch.train --method=segan --preset=paper --dataset=synthetic_tumor
-    # --dataset_option=modalities=t1ce,t2,flair`: the paper's networks, RMSProp 2e-5, batch 64
-    # (not run to completion on this CPU: about 12 s per step).
+    # --dataset_option=protocol=segan` (T1c/T2/FLAIR, 160 x 160 crops of 180 x 180 slices; or
+    # --dataset=brats --data_dir=...): the paper's networks, RMSProp 2e-5, batch 64. Not run on
+    # this 2-core CPU: no runtime or Dice measured.
     "paper": {},
     # `python -m launch.train --method=segan --preset=quick --dataset=synthetic_tumor
-    # --dataset_option=modalities=t1ce,t2,flair --labeled=3`: see docs/results/segan.md.
+    # --dataset_option=modalities=t1ce,t2,flair --labeled=3 --num_val=2 --num_test=8`
+    # (S3-3C): 174–378 s wall per run on 2 shared cores (load 10–13), test mean Dice 0.418 over
+    # three labeled draws (whole tumour 0.848, tumour core 0.073, enhancing 0.333; the BCE
+    # comparator `supervised --set=network=segan` 0.458): docs/results/segan.md.
     "quick": {"filters": (16, 32, 64, 128), "batch_size": 8, "learning_rate": 1e-3,
               "steps": 400, "validation_every": 100},
 }
