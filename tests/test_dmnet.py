@@ -291,6 +291,7 @@ def test_bad_settings_are_refused(change, spec, message):
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # ~30 s on a lightly loaded 2-core machine: tracing train step + predictor
 def test_launch_train_dmnet_tiny_and_load_run(tmp_path):
     """A 3-class (softmax over K) run through the CLI; the run folder's predictor (load_run,
     as evaluate/export/predict build it) is the averaging model with the selected weights."""
