@@ -61,7 +61,7 @@ def main(argv) -> int:
     from tfseg._files import check_writable
 
     try:  # before the (slow) model load and inference
-        check_writable(FLAGS.output, "output folder", "pass a writable --output")
+        check_writable(FLAGS.output, "output folder", "pass a writable --output", create=False)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     from tfseg.predict import predict_inputs  # after the environment is set: imports TF

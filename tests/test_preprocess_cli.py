@@ -74,7 +74,7 @@ def test_main_writes_records_under_the_fingerprint(tmp_path, capsys, caplog):
     # Same settings: nothing redone. Another phase: another folder.
     assert run(["--dataset=acdc", f"--data_dir={data}", f"--records_root={root}", *FAST],
                capsys) == (0, out_dir)
-    assert "0 written, 0 skipped, 3 already done" in caplog.text
+    assert "All 3 subjects of acdc are already in" in caplog.text  # and nothing was written
     code, ed_dir = run(["--dataset=acdc", f"--data_dir={data}", f"--records_root={root}",
                         "--phase=ED", *FAST], capsys)
     assert code == 0 and ed_dir != out_dir

@@ -125,7 +125,8 @@ def test_unwritable_records_and_run_folders_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"run folder .*file/run is not writable.*--run_dir"):
         from tfseg._files import check_writable
         check_writable(str(blocker / "run"), "run folder", "pass a writable --run_dir")
-    assert "check_writable(run_dir" in open(train.__file__).read()
+    with open(train.__file__, encoding="utf-8") as f:
+        assert "check_writable(run_dir" in f.read()
 
 
 def test_train_allow_skips_trains_without_the_bad_subject(tmp_path, capsys):

@@ -77,9 +77,19 @@ def remove_stale_temporary_dirs(folder: str, name: str) -> list[str]:
     return removed
 
 
-def check_writable(folder: str, what: str, fix: str) -> None:
+def check_writable(folder: str, what: str, fix: str, create: bool = True) -> None:
     """Raises ValueError (one line naming `folder` and the fix) unless files can be created in
-    `folder` (created if missing)."""
+    `folder` (created if missing). With `create=False` nothing is created: the folder, or its
+    nearest existing ancestor, must be a writable directory."""
+    if not create:
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            problem = "not a directory" if not os.path.isdir(existing) else "permission denied"
+            raise ValueError(f"The {what} {folder} is not writable ({existing}: {problem}); "
+                             f"{fix}.")
+        return
     try:
         os.makedirs(folder, exist_ok=True)
         probe = _create_temporary(folder, ".write-check", "")
