@@ -46,7 +46,8 @@ intensity-weighted L1 loss on its probabilities. Its minimiser on a voxel of unc
 the median, i.e. 0 for a region covering well under 1 % of a slice: S3-1C matched the
 cross-entropy comparator on the whole tumour (S3-3C was worse), but SegAN mostly predicted no
 tumour core or enhancing tumour where the comparator found some; `dice_weight=1` brings the core
-back, about as much as the same Dice term lifts the comparator.
+back, about as much as a Dice term lifts the comparator. (This term is the per-example soft
+Dice; supervised pools it over the batch for regions.)
 
 Tracked: loss (the segmentor's total), ms_l1 (L after the critic step), critic_ms_l1 (L the
 critic maximised), dice_loss (soft Dice of the prediction, tracked whatever its weight),
