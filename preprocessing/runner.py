@@ -152,16 +152,6 @@ def process_subject(subject: Subject, dataset: Dataset, config: PreprocessConfig
         "inputs": inputs})
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_signature(subject: Subject, with_hash: bool = True) -> list[dict[str, Any]]:
     """What a subject's shard is made from: per input file (images, then the label) its absolute
     path, size, modification time (ns) and, with `with_hash`, content sha256. A missing file
@@ -177,7 +167,7 @@ def input_signature(subject: Subject, with_hash: bool = True) -> list[dict[str, 
             continue
         item = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}
         if with_hash:
-            item["sha256"] = _file_sha256(path)
+            item["sha256"] = writer.sha256_file(path)
         signature.append(item)
     return signature
 
@@ -196,7 +186,7 @@ def inputs_unchanged(subject: Subject, entry: Mapping[str, Any]) -> bool:
         return False
     if all(r.get("mtime_ns") == c["mtime_ns"] for r, c in zip(recorded, current)):
         return True
-    return all(r.get("sha256") == _file_sha256(c["path"]) for r, c in zip(recorded, current))
+    return all(r.get("sha256") == writer.sha256_file(c["path"]) for r, c in zip(recorded, current))
 
 
 def _run_one(subject: Subject, dataset: Dataset, config: PreprocessConfig, out_dir: str

@@ -310,28 +310,43 @@ def predict_inputs(model_dir: str, input_spec: str, output_dir: str, *,
     if frame is not None:  # one frame (channel) of 4D inputs, e.g. a cine phase
         scans = [dataclasses.replace(s, channel_indices=(int(frame),) * len(s.image_paths))
                  for s in scans]
+
+    def process(scan: Scan) -> list[str]:
+        classes, meta = predict_scan(model, scan, tile_batch=tile_batch, flip_tta=flip_tta,
+                                     tile_size_zyx=tile_size_zyx, overlap=overlap)
+        path = os.path.join(output_dir, f"{scan.subject_id}_seg.nii.gz")
+        write_label_map(classes, meta, model.assets["label_values"], path)
+        return [path] + ([_write_overlay(model, scan, classes, output_dir)] if overlays else [])
+
+    return for_each_scan(scans, process, output_dir)
+
+
+def for_each_scan(scans: Sequence[Scan], process, output_dir: str) -> list[str]:
+    """Runs `process(scan) -> written paths` on every scan, logging each. A scan that fails
+    (ValueError) does not stop the others: every other scan is written first, then the
+    failures are raised together (a single scan's error is raised as it is).
+
+    Returns:
+      Every written path, in scan order.
+    """
     written, failures = [], []
     for position, scan in enumerate(scans, 1):
         started = time.perf_counter()
         try:
-            classes, meta = predict_scan(model, scan, tile_batch=tile_batch, flip_tta=flip_tta,
-                                         tile_size_zyx=tile_size_zyx, overlap=overlap)
+            paths = process(scan)
         except ValueError as error:
             if len(scans) == 1:
                 raise
             logging.error("[%d/%d] %s failed: %s", position, len(scans), scan.subject_id, error)
             failures.append(f"{scan.subject_id}: {error}")
             continue
-        path = os.path.join(output_dir, f"{scan.subject_id}_seg.nii.gz")
-        write_label_map(classes, meta, model.assets["label_values"], path)
-        written.append(path)
-        if overlays:
-            written.append(_write_overlay(model, scan, classes, output_dir))
-        logging.info("[%d/%d] %s -> %s  %.1f s", position, len(scans), scan.subject_id, path,
-                     time.perf_counter() - started)
+        written += paths
+        logging.info("[%d/%d] %s -> %s  %.1f s", position, len(scans), scan.subject_id,
+                     paths[0], time.perf_counter() - started)
     if failures:
         raise ValueError(f"{len(failures)} of {len(scans)} scans failed (the other "
-                         f"{len(scans) - len(failures)} were written to {output_dir}): " + "; ".join(failures))
+                         f"{len(scans) - len(failures)} were written to {output_dir}): "
+                         + "; ".join(failures))
     return written
 
 

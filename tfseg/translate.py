@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -154,29 +153,17 @@ def translate_inputs(run_dir: str, input_spec: str, output_dir: str, *,
         scans, one message listing the failed ones after writing the others.
     """
     from tfseg.io import write_image
-    from tfseg.predict import find_scans
+    from tfseg.predict import find_scans, for_each_scan
 
     model = load_translator(run_dir, direction)
     scans = find_scans(input_spec, model, dataset_name)
-    written, failures = [], []
-    for position, scan in enumerate(scans, 1):
-        started = time.perf_counter()
-        try:
-            translated, meta = translate_scan(model, scan, tile_batch=tile_batch)
-        except ValueError as error:
-            if len(scans) == 1:
-                raise
-            logging.error("[%d/%d] %s failed: %s", position, len(scans), scan.subject_id, error)
-            failures.append(f"{scan.subject_id}: {error}")
-            continue
+
+    def process(scan) -> list[str]:
+        translated, meta = translate_scan(model, scan, tile_batch=tile_batch)
         path = os.path.join(output_dir, f"{scan.subject_id}_translated.nii.gz")
         write_image(translated if translated.shape[-1] > 1 else translated[..., 0],
                     meta if translated.shape[-1] > 1
                     else dataclasses.replace(meta, num_channels=1), path)
-        written.append(path)
-        logging.info("[%d/%d] %s -> %s  %.1f s", position, len(scans), scan.subject_id, path,
-                     time.perf_counter() - started)
-    if failures:
-        raise ValueError(f"{len(failures)} of {len(scans)} scans failed (the other "
-                         f"{len(written)} were written to {output_dir}): " + "; ".join(failures))
-    return written
+        return [path]
+
+    return for_each_scan(scans, process, output_dir)
