@@ -71,6 +71,10 @@ flags.DEFINE_enum("draws", "distinct", ["distinct", "independent"],
                   "distinct: each repeat's seed is the next one whose labeled subjects differ "
                   "from the earlier repeats'; independent: repeat k uses seed + k (repeats may "
                   "draw the same subjects).", **_F)
+flags.DEFINE_boolean("fixed_test", False, "One test and validation set for every repeat, drawn "
+                     "with --seed (launch.train --test_seed): only the labeled subjects change "
+                     "between draws, so rows of different draws are scored on the same subjects "
+                     "(the few-shot GAN paper's protocol).", **_F)
 flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing (MR).", **_F)
 flags.DEFINE_string("records_root", "records", "Folder of preprocessed records and splits.", **_F)
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
@@ -171,7 +175,7 @@ def main(argv) -> int:
             n4=FLAGS.n4, num_val=num_val, num_test=num_test,
             records_root=FLAGS.records_root, preprocess_workers=FLAGS.preprocess_workers,
             seed=FLAGS.seed, export=FLAGS.export, min_pairs=FLAGS.min_pairs,
-            draws=FLAGS.draws)
+            draws=FLAGS.draws, fixed_test=FLAGS.fixed_test)
         per_method = study.check_config(config)  # names, preset, every --set: before any run
     except ValueError as error:
         _common.fail(PROGRAM, str(error))

@@ -40,6 +40,9 @@ flags.DEFINE_bool("allow_skips", False, "Preprocessing on first use goes on with
                   "that cannot be read (listed in config.json as skipped_subjects) instead of "
                   "stopping.", **_F)
 flags.DEFINE_integer("split_seed", 0, "Seed of the drawn split.", **_F)
+flags.DEFINE_integer("test_seed", None, "Draw the test and validation patients with this seed "
+                     "(the labeled ones still with --split_seed), so runs of different split "
+                     "seeds are scored on the same test set. Default: --split_seed.", **_F)
 flags.DEFINE_integer("num_val", None, "Validation patients of a drawn split (default: 10%).",
                      **_F)
 flags.DEFINE_integer("num_test", None, "Test patients of a drawn split (default: 25%).", **_F)
@@ -100,7 +103,7 @@ def main(argv) -> int:
             records_dir=FLAGS.records_dir, run_dir=FLAGS.run_dir,
             split=FLAGS.split, labeled=FLAGS.labeled, labeled_fraction=FLAGS.labeled_fraction,
             allow_skips=FLAGS.allow_skips, deterministic=FLAGS.deterministic,
-            split_seed=FLAGS.split_seed,
+            split_seed=FLAGS.split_seed, test_seed=FLAGS.test_seed,
             num_val=FLAGS.num_val, num_test=FLAGS.num_test, steps=FLAGS.steps,
             validation_every=FLAGS.validation_every, seed=FLAGS.seed,
             distribute=FLAGS.distribute, mixed_precision=FLAGS.mixed_precision,

@@ -42,6 +42,25 @@ def test_test_and_val_do_not_depend_on_num_labeled_and_labeled_sets_nest():
     assert set(drawn[0].labeled) < set(drawn[1].labeled) < set(drawn[2].labeled)
 
 
+def test_test_seed_fixes_test_and_val_across_split_seeds():
+    drawn = [splits.draw_split(POOL, IMAGE_ONLY, 2, seed=s, test_seed=5) for s in range(8)]
+    assert len({d.test for d in drawn}) == 1 and len({d.val for d in drawn}) == 1
+    assert len({d.labeled for d in drawn}) > 4  # the labeled draw still varies with the seed
+    held = set(drawn[0].test) | set(drawn[0].val)
+    for d in drawn:
+        assert not held & set(d.labeled)
+        assert set().union(*_parts(d).values()) == set(POOL) | set(IMAGE_ONLY)
+    assert drawn[3].name == "labeled2_seed3_test5" and drawn[3].seed == 3
+    # The held-out part is test_seed's permutation, exactly as a draw with that seed makes it.
+    plain = splits.draw_split(POOL, IMAGE_ONLY, 2, seed=5)
+    assert (drawn[0].test, drawn[0].val) == (plain.test, plain.val)
+    # Labeled sets still nest across budgets at one seed, and the default is unchanged.
+    nested = [splits.draw_split(POOL, [], n, seed=4, test_seed=5).labeled for n in (1, 3)]
+    assert set(nested[0]) < set(nested[1])
+    assert splits.draw_split(POOL, [], 2, seed=4, test_seed=None) == splits.draw_split(
+        POOL, [], 2, seed=4)
+
+
 def test_draw_explicit_sizes_and_tiny_pool_defaults():
     split = splits.draw_split(POOL, [], 2, seed=0, num_val=0, num_test=10)
     assert (len(split.test), len(split.val), len(split.labeled)) == (10, 0, 2)

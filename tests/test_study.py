@@ -124,6 +124,23 @@ def test_plan_pairs_seeds_across_methods_and_builds_train_commands(tmp_path):
     assert not any(a.startswith("--set") for a in specs[3].train_argv(config))
 
 
+def test_fixed_test_gives_every_repeat_the_base_seed_test_set(tmp_path):
+    pools = splits.patient_pools(_manifest(write_records(tmp_path / "records")))
+    config = _config(tmp_path, labeled=(1,), repeats=3, seed=4, fixed_test=True)
+    assert config.test_seed == 4
+    seeds = study.repeat_seeds(config, pools)
+    drawn = [splits.draw_split(*pools, 1, seed, test_seed=4) for seed in seeds]
+    assert len({d.test for d in drawn}) == 1 and len({d.labeled for d in drawn}) == 3
+    spec = dataclasses.replace(study.plan_runs(config, {"supervised": ()})[1], seed=seeds[1])
+    argv = spec.train_argv(config)
+    assert "--test_seed=4" in argv and f"--split_seed={seeds[1]}" in argv
+    assert spec.request(config)["test_seed"] == 4
+    # Without it the request and the command are as before (old studies resume unchanged).
+    plain = dataclasses.replace(config, fixed_test=False)
+    assert "test_seed" not in spec.request(plain)
+    assert not any(a.startswith("--test_seed") for a in spec.train_argv(plain))
+
+
 def test_check_config_rejects_unknown_names_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown method\(s\) 'nope'.*Available: .*supervised"):
         study.check_config(_config(tmp_path, methods=("supervised", "nope")))

@@ -108,11 +108,14 @@ def test_train_with_labeled_fraction_and_the_target_domain(generated, tmp_path):
             f"--target_data_dir={root}", "--target_option=domain=target", *target_options,
             f"--records_root={tmp_path / 'records'}", f"--run_dir={run_dir}",
             "--labeled_fraction=0.5", "--steps=3", "--validation_every=3", "--non4",
-            "--set=filters=4,8", "--set=batch_size=2", "--noexport"]
+            "--set=filters=4,8", "--set=batch_size=2", "--noexport", "--test_seed=7"]
     assert train_cli.main(argv) == 0
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     split = config["split"]
+    # --test_seed: test/val drawn with seed 7 (source and target), the labeled with split seed 0
+    assert split["name"].endswith("_seed0_test7")
+    assert config["target"]["split"]["name"] == "target_seed7"
     # 3 annotated patients: test 1, val 1 (at least one each), 1 training patient, labeled
     assert (len(split["test"]), len(split["val"]), len(split["labeled"])) == (1, 1, 1)
     with open(os.path.join(run_dir, "summary.json")) as f:

@@ -60,6 +60,9 @@ class TrainConfig:
       split: a published split name or a split JSON file; None = draw `labeled` patients (or the
         dataset's default split when `labeled` is None too).
       labeled / split_seed / num_val / num_test: the drawn split (tfseg.data.splits.draw_split).
+      test_seed: draw test and validation patients with this seed instead of split_seed, so that
+        runs of different split seeds share one test set (a study's `--fixed_test`); the target
+        domain's test/val follow it too.
       labeled_fraction: instead of `labeled`, a patient-level 7:1:2 split (test 20%, val 10%)
         with this fraction of the training patients labeled (splits.fraction_counts; DMNet).
       allow_skips: preprocessing on first use goes on without subjects that cannot be read
@@ -104,6 +107,7 @@ class TrainConfig:
     labeled_fraction: float | None = None
     allow_skips: bool = False
     split_seed: int = 0
+    test_seed: int | None = None
     num_val: int | None = None
     num_test: int | None = None
     steps: int | None = None
@@ -304,8 +308,10 @@ def _target_domain(config: TrainConfig, source_modalities) -> dict[str, Any]:
                                          path=path, allow_no_labeled=True)
     else:
         labeled, image_only = splits_lib.patient_pools(manifest)
-        split = splits_lib.draw_target_split(labeled, image_only, config.split_seed,
-                                             config.num_val, config.num_test)
+        split = splits_lib.draw_target_split(
+            labeled, image_only,
+            config.split_seed if config.test_seed is None else config.test_seed,
+            config.num_val, config.num_test)
     return {"dataset": config.target_dataset,
             "dataset_options": dict(config.target_dataset_options),
             "data_dir": config.target_data_dir, "records_dir": os.path.abspath(records_dir),
@@ -406,7 +412,7 @@ def _split(config: TrainConfig, dataset, manifest) -> splits_lib.Split:
     published, path = split_source(config.split, num_labeled, dataset, config.dataset)
     split = splits_lib.resolve_split(
         manifest, dataset, published=published, path=path, num_labeled=num_labeled,
-        seed=config.split_seed, num_val=num_val, num_test=num_test)
+        seed=config.split_seed, num_val=num_val, num_test=num_test, test_seed=config.test_seed)
     split_path = os.path.join(config.records_root, config.dataset, "splits", f"{split.name}.json")
     if not os.path.isfile(split_path) or splits_lib.load_split(split_path) != split:
         try:

@@ -190,14 +190,19 @@ def fraction_counts(pool_size: int, fraction: float, num_val: int | None = None,
 
 def draw_split(labeled_patients: Sequence[str], unlabeled_patients: Sequence[str],
                num_labeled: int, seed: int, num_val: int | None = None,
-               num_test: int | None = None) -> Split:
-    """Draws a patient-level split, deterministic in `seed`.
+               num_test: int | None = None, test_seed: int | None = None) -> Split:
+    """Draws a patient-level split, deterministic in `seed` (and `test_seed`).
 
     The pool of labeled patients (sorted, so input order does not matter) is permuted with the
     seed; test = the first `num_test`, val = the next `num_val`, labeled = the next `num_labeled`.
     Test and val therefore do not depend on `num_labeled`, and the labeled set for N is a subset
     of the one for N' > N at the same seed (label-efficiency studies compare like with like).
     Unlabeled = the rest of the pool (labels hidden) + every image-only patient.
+
+    With `test_seed`, test and val are drawn from a permutation by `test_seed` instead, and the
+    labeled patients from a permutation by `seed` of the patients left: every seed then shares
+    one test and validation set (the few-shot GAN paper's protocol, where rows of different
+    labeled draws are scored on the same seven test subjects), and only the labeled draw varies.
 
     Args:
       labeled_patients: patients with labels.
@@ -229,12 +234,19 @@ def draw_split(labeled_patients: Sequence[str], unlabeled_patients: Sequence[str
                          f"minus {num_test} test and {num_val} val leave {max(available, 0)} for "
                          f"training. Use --labeled <= {max(available, 0)} or fewer val/test "
                          "patients.")
-    order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
+    if test_seed is None:
+        order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
+        name = f"labeled{num_labeled}_seed{seed}"
+    else:  # test/val from test_seed's permutation, the labeled from seed's permutation of the rest
+        fixed = [pool[i] for i in np.random.default_rng(test_seed).permutation(len(pool))]
+        held, others = fixed[:num_test + num_val], sorted(fixed[num_test + num_val:])
+        order = held + [others[i] for i in np.random.default_rng(seed).permutation(len(others))]
+        name = f"labeled{num_labeled}_seed{seed}_test{test_seed}"
     test = order[:num_test]
     val = order[num_test:num_test + num_val]
     labeled = order[num_test + num_val:num_test + num_val + num_labeled]
     rest = order[num_test + num_val + num_labeled:]
-    return Split(name=f"labeled{num_labeled}_seed{seed}", labeled=tuple(sorted(labeled)),
+    return Split(name=name, labeled=tuple(sorted(labeled)),
                  unlabeled=tuple(sorted(rest + image_only)), val=tuple(sorted(val)),
                  test=tuple(sorted(test)), seed=int(seed))
 
@@ -297,7 +309,7 @@ def patient_pools(manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
 def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str | None = None,
                   path: str | None = None, num_labeled: int | None = None, seed: int = 0,
                   num_val: int | None = None, num_test: int | None = None,
-                  allow_no_labeled: bool = False) -> Split:
+                  allow_no_labeled: bool = False, test_seed: int | None = None) -> Split:
     """Returns the split chosen by exactly one of: a published name, a file, or (num_labeled, seed).
 
     The result is validated against the records' manifest (every patient known; labeled, val and
@@ -309,7 +321,7 @@ def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str |
       published: a name in `dataset.published_splits`.
       path: a split JSON file.
       num_labeled: draw a split with this many labeled patients ...
-      seed: ... and this seed (num_val / num_test as in `draw_split`).
+      seed: ... and this seed (num_val / num_test / test_seed as in `draw_split`).
 
     Raises:
       ValueError: if not exactly one source is given, or the split does not fit the records.
@@ -328,7 +340,8 @@ def resolve_split(manifest: Mapping[str, Any], dataset=None, *, published: str |
     elif path is not None:
         split, source = load_split(path), f"split file {path}"
     else:
-        split = draw_split(labeled_pool, image_only, num_labeled, seed, num_val, num_test)
+        split = draw_split(labeled_pool, image_only, num_labeled, seed, num_val, num_test,
+                           test_seed)
         source = f"drawn split {split.name!r}"
     validate_split(split, labeled_pool, labeled_pool + image_only, source=source,
                    allow_no_labeled=allow_no_labeled)

@@ -46,6 +46,9 @@ class StudyConfig:
         passed to every launch.train run (n4, records_root and preprocess_workers also choose
         the records the study resolves before it plans).
       seed: base seed.
+      fixed_test: every run draws its test and validation patients with the base seed
+        (launch.train --test_seed), so only the labeled draw changes between repeats and every
+        repeat is scored on the same test set; off: each repeat's seed draws test/val too.
       export: export a SavedModel per run (off: a study needs only the test metrics).
       min_pairs: fewer pairs than this -> the test is "n/a".
     """
@@ -77,6 +80,12 @@ class StudyConfig:
     target_data_dir: str | None = None
     target_dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     target_records_dir: str | None = None
+    fixed_test: bool = False
+
+    @property
+    def test_seed(self) -> int | None:
+        """launch.train's --test_seed for every run (None: each repeat's split seed)."""
+        return self.seed if self.fixed_test else None
 
     def __post_init__(self):
         for name in ("methods", "labeled", "overrides"):
@@ -169,7 +178,8 @@ class RunSpec:
                 "preset": config.preset, "overrides": list(self.overrides),
                 "steps": config.steps, "validation_every": config.validation_every,
                 "n4": config.n4, "num_val": config.num_val, "num_test": config.num_test,
-                "target": target_request(config)}
+                "target": target_request(config),
+                **({"test_seed": config.test_seed} if config.fixed_test else {})}
 
     def train_argv(self, config: StudyConfig, records_dir: str | None = None) -> list[str]:
         """The `python -m launch.train` command line of this run.
@@ -187,6 +197,8 @@ class RunSpec:
         for name in ("preset", "steps", "validation_every", "num_val", "num_test"):
             if getattr(config, name) is not None:
                 argv.append(f"--{name}={getattr(config, name)}")
+        if config.fixed_test:
+            argv.append(f"--test_seed={config.test_seed}")
         argv += target_flags(config)
         argv += [f"--set={item}" for item in self.overrides]
         return argv
@@ -349,7 +361,7 @@ def repeat_seeds(config: StudyConfig,
 
     def labeled_sets(seed: int) -> dict[int, tuple[str, ...]]:
         return {n: draw_split(pools[0], pools[1], n, seed, config.num_val,
-                              config.num_test).labeled for n in config.labeled}
+                              config.num_test, config.test_seed).labeled for n in config.labeled}
 
     seeds: list[int | None] = []
     taken: dict[int, set[tuple[str, ...]]] = {n: set() for n in config.labeled}

@@ -62,7 +62,7 @@ def aggregate_study(config: StudyConfig, specs: Sequence[RunSpec] | None = None
         "arm_overrides": {s.method: list(s.overrides) for s in specs},
         "labeled": list(config.labeled),
         "repeats": config.repeats, "seed": config.seed, "draws": config.draws,
-        "preset": config.preset,
+        "fixed_test": config.fixed_test, "preset": config.preset,
         "overrides": list(config.overrides), "steps": config.steps,
         "baseline": config.baseline, "classes": names, "pairing": PAIRING_KEY,
         "std": STD_NOTE, "test": "scipy.stats.wilcoxon(a, b), two-sided, zero_method='wilcox'",
@@ -203,7 +203,10 @@ def study_markdown(result: Mapping[str, Any]) -> str:
              f" repeat k uses split seed and training seed "
              + (f"{result['seed']} + k." if result.get("draws", "independent") == "independent"
                 else f"s_k: {result['seed']}, then the next seed whose labeled subjects no "
-                     "earlier repeat drew (see Labeled draws)."),
+                     "earlier repeat drew (see Labeled draws).")
+             + (f" Test and validation subjects are the same in every repeat (drawn with seed "
+                f"{result['seed']}, --fixed_test)." if result.get("fixed_test") else
+                " Each repeat's seed draws its own test and validation subjects too."),
              f"- Cells: mean ± std (median) over test subjects pooled over repeats "
              f"({result['std']}); \"{MEAN_CLASS}\" = each subject's mean over the foreground "
              "classes. Per-subject values from each run's metrics.csv (test split, original "

@@ -29,7 +29,7 @@ LOG_NAME = "study_train.log"
 PREPROCESS_LOG_NAME = "study_preprocess.log"
 _REQUEST_KEYS = ("method", "dataset", "dataset_options", "labeled", "repeat", "split_seed", "seed",
                  "preset", "overrides", "steps", "validation_every", "n4", "num_val", "num_test",
-                 "target")
+                 "target", "test_seed")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The last error a child reported: launch.train's one-line error, or launch.preprocess's
 # absl ERROR line (`E<mmdd> <time> <thread> <file>.py:<line>] message`).
