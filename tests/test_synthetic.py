@@ -148,8 +148,12 @@ def test_datasets_are_registered_with_their_defaults():
         "test": [f"subject-{n}" for n in range(3, 10)],
         "unlabeled": [f"subject-{n}" for n in range(11, 17)]}
     split = cardiac.published_splits[cardiac.default_split]
-    training = [f"patient{n:03d}" for n in range(1, 21)]
+    training = [f"patient{n:03d}" for n in range(1, synthetic_cardiac.NUM_TRAINING + 1)]
     assert set(split["labeled"] + split["val"] + split["test"]) <= set(training)
+    # Validation on 8 patients covering every group (2 made checkpoint selection a coin toss).
+    assert len(split["val"]) == 8
+    assert {synthetic_cardiac.GROUPS[(int(p[-3:]) - 1) % 5] for p in split["val"]} == set(
+        synthetic_cardiac.GROUPS)
     assert set(split["unlabeled"]).isdisjoint(split["val"] + split["test"] + split["labeled"])
 
 
