@@ -169,11 +169,35 @@ def load_run(run_dir: str, domain: str = "source") -> RunInfo:
         predictor.get_layer(index=1).load_weights(legacy)
     data_spec = DataSpec.from_dict(config["data_spec"])
     patch = tuple(data_spec.example_shape) if data_spec.spatial_dims == 3 else None
+    label_values = tuple(int(v) for v in manifest["label_values"])
+    raw_to_class = manifest_raw_to_class(manifest)
+    if domain == "target" and manifest.get("class_names"):
+        label_values, raw_to_class = target_labels(data_spec.class_names, manifest)
     return RunInfo(run_dir=run_dir, config=config, domain=domain, manifest=manifest,
                    records_dir=records_dir, split=split, data_spec=data_spec,
                    predictor=predictor, spatial_dims=data_spec.spatial_dims,
                    modalities=tuple(manifest["modalities"]),
                    class_names=tuple(data_spec.class_names),
-                   label_values=tuple(int(v) for v in manifest["label_values"]),
-                   raw_to_class=manifest_raw_to_class(manifest), patch_size_zyx=patch,
-                   size_multiple=size_multiple)
+                   label_values=label_values, raw_to_class=raw_to_class,
+                   patch_size_zyx=patch, size_multiple=size_multiple)
+
+
+def target_labels(source_classes, manifest: Mapping[str, Any]
+                  ) -> tuple[tuple[int, ...], dict[int, int]]:
+    """The target domain's label files read as the source's classes.
+
+    Returns:
+      (label_values: per SOURCE class index, the value the target's files use for it, so that
+       predictions are written in the target's own label values; raw_to_class: target label
+       file value -> SOURCE class index), through `domains.target_class_map`.
+    """
+    from tfseg.data.domains import target_class_map
+
+    class_map = target_class_map(source_classes, manifest["class_names"],
+                                 target=f"target {manifest.get('dataset')!r}")
+    values = [int(v) for v in manifest["label_values"]]
+    label_values = [0] * len(class_map)
+    for target_class, source_class in enumerate(class_map):
+        label_values[source_class] = values[target_class]
+    raw_to_class = {raw: class_map[c] for raw, c in manifest_raw_to_class(manifest).items()}
+    return tuple(label_values), raw_to_class

@@ -330,24 +330,31 @@ def _check_target(target: Mapping[str, Any], manifest: Mapping[str, Any],
     names = (f"target {target['dataset']!r} ({target['records_dir']})",
              f"source {manifest.get('dataset')!r}")
     match = domains.match_domains(manifest["modalities"], data_spec.class_names,
-                                  other["modalities"],
-                                  other["class_names"] if target["split"]["test"] else None,
-                                  source=names[1], target=names[0])
+                                  other["modalities"], None, source=names[1], target=names[0])
     if list(match.target_modalities) != list(other["modalities"]):
         raise ValueError(f"The {names[0]} has modalities {other['modalities']}, the {names[1]} "
                          f"{manifest['modalities']}: a run's domains need the same channels in "
                          "the same order (choose the target's modalities to match).")
+    if not target["split"]["test"]:
+        return
     target_spec = pipeline.dataset_facts(other, data_spec.example_shape
                                          if data_spec.spatial_dims == 3 else None)
-    if target["split"]["test"] and (
-            not match.classes_identity or len(match.class_map) != data_spec.num_classes
-            or target_spec.region_names != data_spec.region_names
-            or target_spec.region_classes != data_spec.region_classes):
-        raise ValueError(f"The {names[0]} has classes {list(target_spec.class_names)} and regions "
-                         f"{list(target_spec.region_names)}; the {names[1]} "
-                         f"{list(data_spec.class_names)} and {list(data_spec.region_names)}. "
-                         "Evaluating on the target needs the same label map (or give the target "
-                         "a split without test patients).")
+    class_map = domains.target_class_map(data_spec.class_names, target_spec.class_names,
+                                         source=names[1], target=names[0])
+    mapped = {name: sorted(class_map[c] for c in classes)
+              for name, classes in zip(target_spec.region_names, target_spec.region_classes)}
+    wanted = {name: sorted(classes)
+              for name, classes in zip(data_spec.region_names, data_spec.region_classes)}
+    if mapped != wanted:
+        raise ValueError(f"The {names[0]} has regions {list(target_spec.region_names)}; the "
+                         f"{names[1]} {list(data_spec.region_names)} (of the same classes). "
+                         "Evaluating on the target needs the same regions: choose the target's "
+                         "target option like the source's (or give the target a split without "
+                         "test patients).")
+    if list(target_spec.class_names) != [data_spec.class_names[i] for i in class_map] or             class_map != tuple(range(len(class_map))):
+        logging.info("Target classes %s are evaluated as the source classes %s.",
+                     list(target_spec.class_names),
+                     [data_spec.class_names[i] for i in class_map])
 
 
 def resolve_records(config, dataset) -> str:

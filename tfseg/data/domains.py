@@ -12,10 +12,13 @@ the same classes (oedema = edema, tumour = tumor, ...). No TensorFlow here.
   (BraTS and its kin): it picks and orders the target's channels to the source's before the
   target is preprocessed.
 
-Not done yet: remapping a target whose classes are the source's under another index order (the
-records keep the target's own indices, and evaluation reads them as the source's), and choosing
-a target *region* option (e.g. tumour core = labels 1 and 4) from the source's class names; both
-stop with one line saying which classes differ.
+- `target_class_map` is what evaluation on the target uses: per target class, the source class
+  it is, by name in any index order (the target's records keep their own indices; evaluation
+  reads the target's label files through this map and writes predictions with the target's own
+  label values). Two binary label maps (background + one foreground class each) match whatever
+  the foreground is called: choosing which structure is "the" foreground is what a binary
+  target option does (e.g. BraTS `--target_option=target=tumour_core`, labels 1 and 4, against
+  a source whose one class is a tumour core), and the match is logged with both names.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import dataclasses
 import re
 from typing import Any, Mapping, Sequence
 
-__all__ = ["DomainMatch", "align_target_options", "canonical_name", "match_domains"]
+__all__ = ["DomainMatch", "align_target_options", "canonical_name", "match_domains",
+           "target_class_map"]
 
 # Spellings of one modality or class in public layouts -> one canonical name.
 _ALIASES = {
@@ -133,3 +137,34 @@ def align_target_options(source_modalities: Sequence[str], target_dataset: Any,
             "modalities option to choose them; write the target with the source's channels.")
     options["modalities"] = ",".join(match.target_modalities)
     return options
+
+
+def target_class_map(source_classes: Sequence[str], target_classes: Sequence[str], *,
+                     source: str = "source", target: str = "target") -> tuple[int, ...]:
+    """Per target class index, the index of the same source class (a permutation).
+
+    By name (`match_domains`' spellings), in any order; two binary label maps (background + one
+    foreground class each) match by position whatever their foreground is called.
+
+    Raises:
+      ValueError: one line naming the classes that cannot be matched, or the counts that differ.
+    """
+    source_classes, target_classes = list(source_classes), list(target_classes)
+    background = canonical_name("background")
+    if (len(source_classes) == len(target_classes) == 2
+            and canonical_name(source_classes[0]) == canonical_name(target_classes[0])
+            == background):
+        return (0, 1)
+    if len(source_classes) != len(target_classes):
+        raise ValueError(
+            f"The {target} has {len(target_classes)} classes ({', '.join(target_classes)}), the "
+            f"{source} {len(source_classes)} ({', '.join(source_classes)}); evaluating on the "
+            "target needs the same classes: choose target options that give them (e.g. "
+            "--target_option=target=binary, or a BraTS region such as target=tumour_core, "
+            "against a binary source).")
+    class_map = match_domains((), source_classes, (), target_classes, source=source,
+                              target=target).class_map
+    if len(set(class_map)) != len(class_map):
+        raise ValueError(f"Two {target} classes ({', '.join(target_classes)}) match one {source} "
+                         f"class ({', '.join(source_classes)}) by name; rename one.")
+    return class_map

@@ -39,7 +39,10 @@ the other, and the painted values 2/1/4 are valid in both):
 - 2015: 0, 1 necrosis, 2 oedema, 3 non-enhancing tumour, 4 enhancing (five classes).
   Regions whole tumour {1, 2, 3, 4}, tumour core {1, 3, 4}, enhancing {4}.
 Options: `target` "regions" (overlapping, one sigmoid each, painted whole -> 2, core -> 1,
-enhancing -> 4) or "binary" (tumour = any non-zero value, written as 1); `modalities` picks and
+enhancing -> 4), "binary" (tumour = any non-zero value, written as 1) or one region as a binary
+task, "whole_tumour", "tumour_core" or "enhancing_tumour" (e.g. tumour core = labels 1 and 4 of
+2018, 1, 3 and 4 of 2015; written as 1), which also matches a binary tumour label of another
+dataset in domain adaptation (tfseg.data.domains.target_class_map); `modalities` picks and
 orders the channels; `release` "auto" (the files decide; "2015"/"2018" only preset the facts
 before `resolve`, which always follows the files); `protocol` (below). Explicit `target` /
 `modalities` override the protocol's.
@@ -67,7 +70,8 @@ from tfseg.datasets import _layout
 from tfseg.datasets.base import Dataset, Subject
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
-TARGETS = ("regions", "binary")
+REGION_TARGETS = ("whole_tumour", "tumour_core", "enhancing_tumour")
+TARGETS = ("regions", "binary", *REGION_TARGETS)
 LABEL_VALUES = (0, 1, 2, 4)
 CLASS_NAMES = ("background", "necrotic_core", "oedema", "enhancing")
 REGIONS = (("whole_tumour", (1, 2, 4)), ("tumour_core", (1, 4)), ("enhancing_tumour", (4,)))
@@ -114,6 +118,10 @@ def label_facts(release: str, target: str) -> dict[str, Any]:
     if target == "binary":
         return {"class_names": ("background", "tumour"), "label_values": (0, 1),
                 "label_map": {v: int(v > 0) for v in values}, "regions": ()}
+    if target in REGION_TARGETS:  # one region as a binary task, e.g. tumour core = {1, 4}
+        inside = dict(REGIONS_2015 if release == "2015" else REGIONS)[target]
+        return {"class_names": ("background", target), "label_values": (0, 1),
+                "label_map": {v: int(v in inside) for v in values}, "regions": ()}
     if release == "2015":
         return {"class_names": CLASS_NAMES_2015, "label_values": LABEL_VALUES_2015,
                 "label_map": None, "regions": REGIONS_2015}
@@ -321,7 +329,8 @@ def make_dataset(target: str | None = None, modalities: str | tuple[str, ...] | 
     """BraTS with the given target, input modalities, slice protocol and release.
 
     Args:
-      target: "regions" or "binary"; None = the protocol's.
+      target: "regions", "binary" or a region ("whole_tumour", "tumour_core",
+        "enhancing_tumour") as a binary task; None = the protocol's.
       modalities: e.g. "t1ce,t2,flair"; None = the protocol's.
       protocol: "default", "segan" or "dmnet" (module docstring).
       release: "auto" (the files decide in `resolve`), "2015" (also "2013") or "2018" (also
