@@ -2,6 +2,7 @@
 optimizer changing only its own networks, TensorBoard images and end-to-end CLI runs."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from launch import train as train_cli
+from tfseg.losses import gan as gan_losses
 from tfseg.methods import DataSpec, fm_gan, resolve_config, supervised
 from tfseg.networks import gan3d
 from test_train import tiny_split_file, write_tiny_records
@@ -25,8 +27,8 @@ def _spec(size=16, channels=2):
     return DataSpec(3, channels, 4, BRAIN, (size,) * 3)
 
 
-def _build(*overrides, spec=None):
-    config = resolve_config(fm_gan, None, [*TINY, *overrides])
+def _build(*overrides, spec=None, preset=None):
+    config = resolve_config(fm_gan, preset, [*TINY, *overrides])
     method = fm_gan.build(config, spec or _spec())
     method.compile()
     return method
@@ -58,14 +60,46 @@ def test_config_defaults_are_the_papers():
     assert (c.activation, c.pooling, c.upsampling) == ("leaky_relu", "average", "transpose")
     assert (c.learning_rate, c.beta_1) == (1e-4, 0.5)
     assert (c.batch_size, c.unlabeled_batch_size) == (30, 30)
-    assert (c.unlabeled_weight, c.fake_weight, c.vi_weight) == (0.5, 0.5, 0.01)
-    assert c.gan_loss == "feature_matching" and c.feature_norm == "squared_l2"
-    assert c.feature_layer == "bottleneck_a_act"
+    # eqs. 4-5: the three terms summed with weight 1, plain mean cross-entropy
+    assert (c.unlabeled_weight, c.fake_weight, c.vi_weight) == (1.0, 1.0, 0.01)
+    assert c.class_weighting == "none" and c.class_weights is None
+    # eq. 11: ||.||_2^2 = the sum of the squared differences over the feature's elements
+    assert c.gan_loss == "feature_matching"
+    assert (c.feature_norm, c.feature_reduction) == ("squared_l2", "sum")
+    assert c.feature_layer == "bottleneck_a_act" and c.rampup_steps == 0
     assert c.latent_dim == 200 and c.generator_filters == (512, 256, 128, 64)
     assert c.encoder_filters == (128, 256, 512) and c.encoder_kernel_size == 5
     resolved = fm_gan.resolve(c, DataSpec(3, 2, 4, BRAIN, (32, 32, 32)))
-    assert resolved.class_weights == (0.33, 1.5, 0.83, 1.33)
-    assert "quick" in fm_gan.PRESETS and fm_gan.SPATIAL_DIMS == (3,)
+    assert resolved.class_weights == (1.0, 1.0, 1.0, 1.0)
+    assert fm_gan.SPATIAL_DIMS == (3,)
+
+
+def test_presets_select_what_they_claim():
+    spec = DataSpec(3, 2, 4, BRAIN, (32, 32, 32))
+    paper = resolve_config(fm_gan, "paper")
+    assert paper == fm_gan.Config()
+    reference = resolve_config(fm_gan, "reference")
+    changed = {f.name for f in dataclasses.fields(fm_gan.Config)
+               if getattr(reference, f.name) != getattr(paper, f.name)}
+    assert changed == {"unlabeled_weight", "fake_weight", "class_weighting", "feature_norm",
+                       "feature_reduction"}
+    assert (reference.unlabeled_weight, reference.fake_weight) == (0.5, 0.5)
+    assert (reference.feature_norm, reference.feature_reduction) == ("l1", "mean")
+    assert fm_gan.resolve(reference, spec).class_weights == (0.33, 1.5, 0.83, 1.33)
+    # an explicit class_weights wins over class_weighting
+    explicit = resolve_config(fm_gan, "reference", ["class_weights=1,2,3,4"])
+    assert fm_gan.resolve(explicit, spec).class_weights == (1.0, 2.0, 3.0, 4.0)
+    # quick: the paper's structure (depth, stage order, batch composition, every loss setting)
+    # shrunk in widths, batch size (labeled = unlabeled = fake) and steps only
+    quick = resolve_config(fm_gan, "quick")
+    changed = {f.name for f in dataclasses.fields(fm_gan.Config)
+               if getattr(quick, f.name) != getattr(paper, f.name)}
+    assert changed <= {"filters", "generator_filters", "encoder_filters", "batch_size",
+                       "unlabeled_batch_size", "steps", "validation_every"}
+    assert len(quick.filters) == len(paper.filters)
+    assert len(quick.generator_filters) == len(paper.generator_filters)
+    assert len(quick.encoder_filters) == len(paper.encoder_filters)
+    assert quick.batch_size == quick.unlabeled_batch_size
 
 
 def test_segmentor_is_the_supervised_3d_unet_with_the_same_options():
@@ -89,6 +123,8 @@ def test_segmentor_is_the_supervised_3d_unet_with_the_same_options():
     (("generator_filters=8,8,8,8,8",), None, r"not a multiple of 32 .*generator_filters"),
     (("class_weights=1,2",), None, r"class_weights=\(1.0, 2.0\) needs one weight per class"),
     (("rampup_steps=-1",), None, r"rampup_steps must be >= 0"),
+    (("class_weighting=balanced",), None, r"class_weighting='balanced'; choose one of"),
+    (("feature_reduction=max",), None, r"feature_reduction='max'; choose one of"),
 ])
 def test_bad_settings_are_named(overrides, spec, message):
     config = resolve_config(fm_gan, None, [*TINY, *overrides])
@@ -132,8 +168,9 @@ def test_encoder_shapes_and_bounded_log_sigma():
 
 
 # --------------------------------------------------------------------------- the step
-def test_discriminator_loss_matches_hand_computation():
-    method = _build()
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_discriminator_loss_matches_hand_computation(preset):
+    method = _build(preset=preset)
     spec = method.data_spec
     data = _batch(spec)
     z = tf.random.uniform((3, 8), -1, 1, seed=3)
@@ -145,17 +182,45 @@ def test_discriminator_loss_matches_hand_computation():
     lse = np.log(np.exp(logits).sum(-1))                                     # (7, *S)
     log_softmax = logits - lse[..., None]
     labels = data["labeled"]["label"].numpy()
-    weights = np.array([0.33, 1.5, 0.83, 1.33])[labels]
+    class_weights = [0.33, 1.5, 0.83, 1.33] if preset == "reference" else [1.0] * 4
+    w = 0.5 if preset == "reference" else 1.0
+    weights = np.array(class_weights)[labels]
     ce = -np.take_along_axis(log_softmax[:2], labels[..., None], -1)[..., 0]
     labeled = np.mean(weights * ce)
-    unlabeled = 0.5 * np.mean(-lse[2:5] + np.log1p(np.exp(lse[2:5])))
-    fake_term = 0.5 * np.mean(np.log1p(np.exp(lse[5:])))
+    unlabeled = w * np.mean(-lse[2:5] + np.log1p(np.exp(lse[2:5])))
+    fake_term = w * np.mean(np.log1p(np.exp(lse[5:])))
     assert float(terms["labeled_loss"]) == pytest.approx(labeled, rel=1e-4)
     assert float(terms["unlabeled_loss"]) == pytest.approx(unlabeled, rel=1e-4)
     assert float(terms["fake_loss"]) == pytest.approx(fake_term, rel=1e-4)
     assert float(terms["loss"]) == pytest.approx(labeled + unlabeled + fake_term, rel=1e-4)
     assert float(terms["p_fake_on_fake"]) == pytest.approx(np.mean(1 / (1 + np.exp(lse[5:]))),
                                                            rel=1e-4)
+
+
+def test_paper_and_reference_weighting_on_hand_made_logits():
+    """Two labeled voxels, one unlabeled and one fake voxel, K = 4 (bg, CSF, GM, WM).
+
+    Labeled voxel 1: logits 0 -> p = 1/4 for its class (bg): CE ln 4. Voxel 2: logits
+    (ln 3, 0, 0, 0), class CSF: p = 1/6, CE ln 6. Unlabeled and fake voxels: logits 0, Z = 4:
+    −log p(real) = ln(5/4), −log p(fake) = ln 5.
+    paper (eqs. 4-5):  (ln 4 + ln 6)/2 + ln(5/4) + ln 5
+    reference:         (0.33 ln 4 + 1.5 ln 6)/2 + 0.5 ln(5/4) + 0.5 ln 5
+    """
+    y = tf.constant(np.eye(4, dtype=np.float32)[[0, 1]].reshape(1, 1, 1, 2, 4))
+    logits_l = tf.constant(np.array([[0, 0, 0, 0], [math.log(3), 0, 0, 0]],
+                                    np.float32).reshape(1, 1, 1, 2, 4))
+    zeros = tf.zeros((1, 1, 1, 1, 4))
+    expected = {
+        "paper": ((math.log(4) + math.log(6)) / 2, math.log(5 / 4), math.log(5)),
+        "reference": ((0.33 * math.log(4) + 1.5 * math.log(6)) / 2, 0.5 * math.log(5 / 4),
+                      0.5 * math.log(5)),
+    }
+    for preset, values in expected.items():
+        method = _build(preset=preset)
+        terms = method.discriminator_terms(y, logits_l, zeros, zeros)
+        for term, value in zip(terms, values):
+            assert term.shape == (1,)
+            assert float(term[0]) == pytest.approx(value, rel=1e-5), preset
 
 
 def test_rampup_scales_the_unlabeled_and_fake_terms():
@@ -206,30 +271,67 @@ def test_each_optimizer_changes_only_its_own_networks(gan_loss):
     assert int(method.seg_optimizer.iterations) == int(method.gen_optimizer.iterations) == 1
 
 
-def test_feature_matching_generator_loss_is_the_distance_of_segmentor_features():
-    method = _build("feature_norm=l1")
+@pytest.mark.parametrize("preset, distance", [
+    ("paper", lambda d: np.sum(d ** 2)),            # ||.||_2^2 (eq. 11)
+    ("reference", lambda d: np.mean(np.abs(d))),    # the reference code's mean |.|
+])
+def test_feature_matching_generator_loss_is_the_distance_of_segmentor_features(preset, distance):
+    method = _build(preset=preset)
     data = _batch(method.data_spec)
     z = tf.random.uniform((3, 8), -1, 1, seed=7)
     terms = method.generator_loss(data["unlabeled"]["image"], z)
-    real = method.feature_extractor(data["unlabeled"]["image"]).numpy()
+    real = method.feature_extractor(data["unlabeled"]["image"]).numpy().astype(np.float64)
     fake = method.feature_extractor(method.generator(z, training=True)).numpy()
     assert real.shape[1:] == (8, 8, 8, 8)          # bottleneck_a_act of a 2-level U-Net on 16³
-    expected = np.mean(np.abs(real.mean(0) - fake.mean(0)))
+    expected = distance(real.mean(0) - fake.mean(0))
     assert float(terms["gen_loss"]) == pytest.approx(expected, rel=1e-4)
 
 
-def test_bad_gan_loss_adds_the_weighted_entropy_term():
-    method = _build("gan_loss=bad", "vi_weight=0.5")
+def test_bad_gan_reductions_by_hand():
+    """Feature term: batch means (2, 3) and (0, 1), difference (2, 2): sum of squares 8 (paper),
+    mean 4, mean |.| 2 (reference), sum |.| 4. Entropy term: z = (0, 1), μ = 0, log σ = (0, ln 2):
+    per dimension ½((z−μ)/σ)² + log σ + ½ log 2π = ½ log 2π and ⅛ + ln 2 + ½ log 2π, summed over
+    the latent dimensions (a log-density of the vector z), then averaged over the batch."""
+    real = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    fake = tf.constant([[0.0, 0.0], [0.0, 2.0]])
+    assert float(gan_losses.feature_matching(real, fake, "squared_l2", "sum")) == \
+        pytest.approx(8.0)
+    assert float(gan_losses.feature_matching(real, fake, "squared_l2", "mean")) == \
+        pytest.approx(4.0)
+    assert float(gan_losses.feature_matching(real, fake, "l1", "mean")) == pytest.approx(2.0)
+    assert float(gan_losses.feature_matching(real, fake, "l1", "sum")) == pytest.approx(4.0)
+    assert float(gan_losses.feature_matching(real, fake, "l2", "sum")) == \
+        pytest.approx(math.sqrt(8.0))
+    assert float(gan_losses.feature_matching(real, fake)) == pytest.approx(4.0)  # old default
+    with pytest.raises(ValueError, match=r"reduction='max'"):
+        gan_losses.feature_matching(real, fake, "l1", "max")
+    z = tf.constant([[0.0, 1.0], [0.0, 1.0]])
+    mu = tf.zeros((2, 2))
+    log_sigma = tf.constant([[0.0, math.log(2.0)]] * 2)
+    nll = gan_losses.gaussian_nll(z, mu, log_sigma).numpy()
+    expected = 0.125 + math.log(2.0) + math.log(2 * math.pi)
+    np.testing.assert_allclose(nll, [expected, expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["paper", "reference"])
+def test_bad_gan_loss_adds_the_weighted_entropy_term(preset):
+    method = _build("gan_loss=bad", "vi_weight=0.5", preset=preset)
     data = _batch(method.data_spec)
     z = tf.random.uniform((3, 8), -1, 1, seed=9)
     terms = method.generator_loss(data["unlabeled"]["image"], z)
-    assert float(terms["vi_loss"]) > 0
-    # gen_loss = FM + 0.5·VI: recompute FM from the same networks.
-    real = method.feature_extractor(data["unlabeled"]["image"]).numpy()
-    fake = method.feature_extractor(method.generator(z, training=True)).numpy()
-    fm_value = np.mean((real.mean(0) - fake.mean(0)) ** 2)
-    assert float(terms["gen_loss"]) == pytest.approx(fm_value + 0.5 * float(terms["vi_loss"]),
-                                                     rel=1e-4)
+    fake = method.generator(z, training=True)
+    real_features = method.feature_extractor(data["unlabeled"]["image"]).numpy()
+    difference = real_features.mean(0) - method.feature_extractor(fake).numpy().mean(0)
+    # paper: both terms summed (over feature elements / latent dimensions); reference: the
+    # feature term averaged over its 8·8·8·8 = 4096 elements, the entropy term summed
+    fm_value = (np.sum(difference ** 2) if preset == "paper"
+                else np.mean(np.abs(difference)))
+    mu, log_sigma = (t.numpy().astype(np.float64) for t in method.encoder(fake, training=True))
+    z64 = z.numpy().astype(np.float64)
+    vi = np.mean(np.sum(0.5 * ((z64 - mu) / np.exp(log_sigma)) ** 2 + log_sigma
+                        + 0.5 * math.log(2 * math.pi), axis=-1))
+    assert float(terms["vi_loss"]) == pytest.approx(vi, rel=1e-4)
+    assert float(terms["gen_loss"]) == pytest.approx(fm_value + 0.5 * vi, rel=1e-4)
 
 
 # feature_matching through fit() is covered by test_methods (quick preset) and the CLI test below.

@@ -20,9 +20,10 @@ finite values and gradients (the naive log(Z / (Z + 1)) overflows at l ≈ 89 in
 Feature matching (Salimans et al., eq. 11 of the few-shot paper): the distance between the batch
 means of an intermediate segmentor feature on real and on generated patches. The mean is over the
 batch axis only (the feature keeps its spatial layout, as the reference code did); the distance is
-reduced by the *mean* over the feature's elements, not the sum, so its scale does not depend on
-the feature size (this changes the paper's ‖·‖²₂ by the constant 1/n only, and keeps the 0.01
-weight of the bad-GAN entropy term meaningful for any network width).
+then reduced over the feature's n elements by `reduction`: "mean" (the default here and the
+reference code's: its scale does not depend on the feature size) or "sum" (the paper's ‖·‖²₂,
+n times the mean; with it, the feature term and the summed entropy term below are reduced the
+same way, as eq. 12 of the few-shot paper adds them).
 
 The variational entropy term of the bad GAN (Dai et al., "Good Semi-supervised Learning that
 Requires a Bad GAN", NeurIPS 2017): −log q(z | x) for a diagonal Gaussian q with mean μ and
@@ -51,6 +52,7 @@ import tensorflow as tf
 from tfseg.losses.segmentation import cross_entropy
 
 FEATURE_NORMS = ("squared_l2", "l2", "l1")
+FEATURE_REDUCTIONS = ("mean", "sum")
 
 
 def _spatial_axes(tensor: tf.Tensor) -> list[int]:
@@ -130,23 +132,30 @@ def discriminator_probability(logits) -> tf.Tensor:
     return tf.reduce_mean(probability, axis=_spatial_axes(probability))
 
 
-def feature_matching(real_features, fake_features, norm: str = "squared_l2") -> tf.Tensor:
+def feature_matching(real_features, fake_features, norm: str = "squared_l2",
+                     reduction: str = "mean") -> tf.Tensor:
     """Distance between the batch means of a feature on real and on generated examples.
 
     Args:
       real_features: (B, ...) features of real (unlabeled) examples.
       fake_features: (B', ...) the same feature of generated examples.
-      norm: "squared_l2" (mean of the squared differences; the paper's eq. 11 up to 1/n),
-        "l2" (root of that) or "l1" (mean absolute difference, what the reference code used).
+      norm: "squared_l2" (squared differences; the paper's eq. 11), "l2" (root of the squared
+        distance) or "l1" (absolute differences, what the reference code used).
+      reduction: over the n feature elements: "mean" (reference code) or "sum" (the paper's
+        ‖·‖²₂ for "squared_l2", ‖·‖₂ for "l2", ‖·‖₁ for "l1"; n times "mean" except for "l2",
+        √n times).
 
     Returns:
       A float32 scalar.
 
     Raises:
-      ValueError: for an unknown norm or mismatched feature shapes.
+      ValueError: for an unknown norm or reduction, or mismatched feature shapes.
     """
     if norm not in FEATURE_NORMS:
         raise ValueError(f"feature_matching: norm={norm!r}; choose one of {list(FEATURE_NORMS)}.")
+    if reduction not in FEATURE_REDUCTIONS:
+        raise ValueError(f"feature_matching: reduction={reduction!r}; choose one of "
+                         f"{list(FEATURE_REDUCTIONS)}.")
     real = tf.reduce_mean(tf.cast(real_features, tf.float32), axis=0)
     fake = tf.reduce_mean(tf.cast(fake_features, tf.float32), axis=0)
     if real.shape.is_fully_defined() and fake.shape.is_fully_defined() \
@@ -154,9 +163,10 @@ def feature_matching(real_features, fake_features, norm: str = "squared_l2") -> 
         raise ValueError(f"feature_matching: real features {real_features.shape} and fake "
                          f"features {fake_features.shape} differ beyond the batch axis.")
     difference = real - fake
+    reduce = tf.reduce_sum if reduction == "sum" else tf.reduce_mean
     if norm == "l1":
-        return tf.reduce_mean(tf.abs(difference))
-    squared = tf.reduce_mean(tf.square(difference))
+        return reduce(tf.abs(difference))
+    squared = reduce(tf.square(difference))
     if norm == "l2":
         return tf.sqrt(squared + 1e-12)
     return squared

@@ -13,19 +13,34 @@ filters 32/64/128/256, leaky ReLU 0.2, average pooling, weight-normalised transp
 has the implicit logit 0 (`tfseg.losses.gan`). The generator and the bad-GAN encoder are
 `tfseg.networks.gan3d`.
 
+**The default `Config()` is the paper's text (preset "paper" = the defaults)**; preset
+"reference" switches to the authors' published code where it differs (`PRESETS`).
+
 Per batch (`train_step`): one discriminator step on labeled + unlabeled + fake patches
-    L_D = weighted CE(labeled) + w_u·(−LSE + softplus(LSE))(unlabeled) + w_f·softplus(LSE)(fake),
-w_u = w_f = 0.5, class weights bg 0.33, CSF 1.5, GM 0.83, WM 1.33 for brain tissues (the
-reference code's); then one generator step (`gan_loss`):
+    L_D = CE(labeled) + w_u·(−LSE + softplus(LSE))(unlabeled) + w_f·softplus(LSE)(fake)
+(each term the mean over voxels and patches):
+- paper (eqs. 4–5): w_u = w_f = 1 and a plain (unweighted) mean cross-entropy
+  (`class_weighting="none"`);
+- reference code: w_u = w_f = 0.5 and class weights bg 0.33, CSF 1.5, GM 0.83, WM 1.33 for brain
+  tissues (`class_weighting="reference"`, `supervised.default_class_weights`).
+Then one generator step (`gan_loss`):
 - "feature_matching" (default, best in the paper): distance between the batch means of an
   intermediate segmentor feature (`feature_layer`, default the first bottleneck conv
-  "bottleneck_a_act", 4³×256 on 32³ patches) on unlabeled and on generated patches
-  (`feature_norm`, default "squared_l2" as the paper's eq. 11);
+  "bottleneck_a_act", 4³×256 on 32³ patches) on unlabeled and on generated patches. Paper
+  (eq. 11): the squared L2 norm ‖·‖²₂, i.e. summed over the feature's elements
+  (`feature_norm="squared_l2"`, `feature_reduction="sum"`); reference code: the mean absolute
+  difference (`"l1"`, `"mean"`);
 - "standard": the non-saturating loss −log p(real | G(z));
-- "bad": feature matching + `vi_weight` (0.01) × the variational entropy term −log q(z | G(z))
-  of an encoder trained with the generator.
-Adam lr 1e-4, β1 0.5 for every network; batches of 30 labeled, 30 unlabeled and 30 fake patches.
-z ~ U(−1, 1)^200.
+- "bad": feature matching + `vi_weight` (0.01) × the variational entropy term
+  E_z[−log q(z | G(z))], the Gaussian negative log-likelihood summed over the latent dimensions
+  (a log-density of the vector z) and averaged over the batch. Eq. 12 adds it to the
+  ‖·‖²₂ feature-matching term, which is likewise a sum (over feature elements), so with
+  `feature_reduction="sum"` both terms are reduced as the paper writes them and `vi_weight`
+  weighs them as in eq. 12. The reference code averaged the feature term over its elements
+  but summed the entropy term, which weighs the entropy term n_features times more (16,384× at
+  the paper's widths); preset "reference" keeps that.
+Adam lr 1e-4, β1 0.5 for every network; batches of 30 labeled, 30 unlabeled and 30 fake patches
+(paper and reference alike). z ~ U(−1, 1)^200.
 
 Intensities: preprocessing maps each channel's foreground 2nd / 98th percentiles to 0 / 1
 without clipping, so the data lies roughly in [−1.3, 1.7] (the zero background of skull-stripped
@@ -34,14 +49,13 @@ generator's tanh output t ∈ [−1, 1] is mapped affinely onto `generator_range
 (−1.5, 2.0)), which contains that range; set it for data normalised otherwise (e.g. with a
 `clip_range`).
 
-Where the reference code was wrong, and what we do instead:
+Where the reference code was wrong, and what we do instead (preset "reference" does not
+reproduce these):
 - inference averaged the *class indices* of overlapping patches (a CSF vote and a WM vote made
   GM); we average softmax probabilities with Gaussian blending (`tfseg.inference`);
 - unlabeled patches were drawn at positions chosen from *another subject's labels*; ours come
   from each unlabeled volume's own foreground mask (`tfseg.data.pipeline`);
-- model selection used GM + WM Dice only; we select on the mean foreground Dice (`train.py`);
-- the feature-matching loss was the L1 distance of batch means while the paper writes the
-  squared L2; both are offered (`feature_norm`), the paper's is the default.
+- model selection used GM + WM Dice only; we select on the mean foreground Dice (`train.py`).
 
 Tracked (progress bar, train_log.csv, TensorBoard train/*): loss (L_D), labeled_loss,
 unlabeled_loss and fake_loss (weighted as in L_D), gen_loss, vi_loss (bad GAN), fm_distance (the
@@ -72,22 +86,30 @@ GAN_LOSSES = ("feature_matching", "standard", "bad")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """fm_gan settings; the defaults are the paper's.
+    """fm_gan settings; the defaults are the paper's text (preset "paper").
 
     Attributes:
       filters, norm, activation, pooling, upsampling: segmentor U-Net (`networks.unet`), same
         names and meaning as `supervised` (paper: `PAPER_UNET_3D`).
-      class_weights: per-class weights of the labeled cross-entropy; None = the reference's brain
-        tissue weights when the classes are background/csf/gm/wm, else 0.1 + 0.9 shared.
+      class_weighting: how `class_weights=None` resolves: "none" (the paper's eq. 4: plain mean
+        cross-entropy, every weight 1) | "reference" (the reference code's brain tissue weights
+        bg 0.33, CSF 1.5, GM 0.83, WM 1.33 when the classes are background/csf/gm/wm, else
+        background 0.1 + 0.9 shared: `supervised.default_class_weights`).
+      class_weights: explicit per-class weights of the labeled cross-entropy (override
+        `class_weighting`); None = by `class_weighting`.
       gan_loss: "feature_matching" | "standard" | "bad".
-      unlabeled_weight, fake_weight: w_u, w_f of the unlabeled and fake terms.
+      unlabeled_weight, fake_weight: w_u, w_f of the unlabeled and fake terms (paper 1,
+        reference 0.5).
       rampup_steps: 0 (the paper) = w_u, w_f constant; N > 0 = both multiplied by the sigmoid
         ramp-up exp(−5 (1 − t)²), t = min(step / N, 1) (Laine & Aila 2017), so the segmentor
         first learns from the labeled patches and the adversarial terms grow in as the GAN
         forms (not in the paper: for small batches and budgets, see docs/results/fm_gan.md).
       feature_layer: segmentor layer whose output is matched ("bottleneck_a_act", "bottleneck",
         "enc2", ... — see `networks.unet`).
-      feature_norm: "squared_l2" | "l2" | "l1" (reference code: l1).
+      feature_norm: "squared_l2" (paper eq. 11) | "l2" | "l1" (reference code).
+      feature_reduction: how the feature-matching distance is reduced over the feature's
+        elements: "sum" (the paper's ‖·‖²₂, consistent with the summed entropy term of eq. 12)
+        | "mean" (the reference code's; its scale does not grow with the feature size).
       latent_dim: size of z ~ U(−1, 1).
       generator_filters: generator channels (dense grid first).
       generator_range: (low, high) the tanh output is mapped onto (see the module docstring).
@@ -108,13 +130,15 @@ class Config:
     activation: str = unet.PAPER_UNET_3D.activation
     pooling: str = unet.PAPER_UNET_3D.pooling
     upsampling: str = unet.PAPER_UNET_3D.upsampling
+    class_weighting: str = "none"
     class_weights: tuple[float, ...] | None = None
     gan_loss: str = "feature_matching"
-    unlabeled_weight: float = 0.5
-    fake_weight: float = 0.5
+    unlabeled_weight: float = 1.0
+    fake_weight: float = 1.0
     rampup_steps: int = 0
     feature_layer: str = "bottleneck_a_act"
     feature_norm: str = "squared_l2"
+    feature_reduction: str = "sum"
     latent_dim: int = gan3d.PAPER_LATENT_DIM
     generator_filters: tuple[int, ...] = gan3d.PAPER_GENERATOR_FILTERS
     generator_range: tuple[float, float] = (-1.5, 2.0)
@@ -133,13 +157,21 @@ class Config:
 
 
 PRESETS = {
-    # `python -m launch.train --method=fm_gan --dataset=synthetic_brain --preset=quick
-    # --labeled=1 --num_val=1 --num_test=7`: 8.5 min wall on 2 shared cores, test mean Dice 0.605
-    # (supervised 0.683 with the same U-Net; docs/results/fm_gan.md). 32³ patches, 2 modalities.
+    # `python -m launch.train --method=fm_gan --dataset=synthetic_brain --preset=paper`: the
+    # paper's text (= Config()); not run (10,000 steps of 30 + 30 + 30 patches: ~64 h here).
+    "paper": {},
+    # same with `--preset=reference`: the authors' published code where it differs from the
+    # paper's text (w_u = w_f = 0.5, class-weighted CE, L1 feature matching averaged over the
+    # feature's elements); not run at full size.
+    "reference": {"unlabeled_weight": 0.5, "fake_weight": 0.5, "class_weighting": "reference",
+                  "feature_norm": "l1", "feature_reduction": "mean"},
+    # `python -m launch.train --method=fm_gan --dataset=synthetic_brain --preset=quick --labeled=1 --num_val=1 --num_test=4`: the paper's settings and depth at ¼ widths (segmentor 8…64, generator 64…8, encoder 16…64), batches of 4 + 4 + 4 instead of 30 + 30 + 30 (equal thirds kept), 100 steps; figures over labeled draws: docs/results/fm_gan.md (a seed repeats a run exactly only on the same hardware and thread count).
     "quick": {"filters": (8, 16, 32, 64), "generator_filters": (64, 32, 16, 8),
               "encoder_filters": (16, 32, 64), "batch_size": 4, "unlabeled_batch_size": 4,
-              "steps": 400, "validation_every": 100},
+              "steps": 100, "validation_every": 50},
 }
+
+CLASS_WEIGHTINGS = ("none", "reference")
 
 
 def resolve(config: Config, data_spec: DataSpec) -> Config:
@@ -152,18 +184,19 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
         raise ValueError("fm_gan works on 3D patches; the dataset is "
                          f"{data_spec.spatial_dims}D. Use a 3D dataset (iseg2017, mrbrains13, "
                          "synthetic_brain) or --method=supervised.")
+    for name, choices in (("class_weighting", CLASS_WEIGHTINGS), ("gan_loss", GAN_LOSSES),
+                          ("feature_norm", gan_losses.FEATURE_NORMS),
+                          ("feature_reduction", gan_losses.FEATURE_REDUCTIONS)):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"fm_gan: {name}={getattr(config, name)!r}; choose one of "
+                             f"{list(choices)}.")
     if config.class_weights is None:
-        config = dataclasses.replace(config,
-                                     class_weights=supervised.default_class_weights(data_spec))
+        weights = ((1.0,) * data_spec.num_classes if config.class_weighting == "none"
+                   else supervised.default_class_weights(data_spec))
+        config = dataclasses.replace(config, class_weights=weights)
     if len(config.class_weights) != data_spec.num_classes:
         raise ValueError(f"fm_gan: class_weights={config.class_weights} needs one weight per "
                          f"class ({data_spec.num_classes}: {', '.join(data_spec.class_names)}).")
-    if config.gan_loss not in GAN_LOSSES:
-        raise ValueError(f"fm_gan: gan_loss={config.gan_loss!r}; choose one of "
-                         f"{list(GAN_LOSSES)}.")
-    if config.feature_norm not in gan_losses.FEATURE_NORMS:
-        raise ValueError(f"fm_gan: feature_norm={config.feature_norm!r}; choose one of "
-                         f"{list(gan_losses.FEATURE_NORMS)}.")
     for name in ("batch_size", "unlabeled_batch_size", "steps", "validation_every",
                  "latent_dim", "encoder_kernel_size"):
         if getattr(config, name) < 1:
@@ -258,6 +291,22 @@ class FMGAN(SegMethod):
         t = tf.minimum(step / float(self.config.rampup_steps), 1.0)
         return tf.exp(-5.0 * tf.square(1.0 - t))
 
+    def discriminator_terms(self, y_labeled, logits_labeled, logits_unlabeled, logits_fake
+                            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The three per-example terms of L_D, weighted: (class-weighted) CE of the labeled
+        patches, w_u·(−log p(real)) of the unlabeled and w_f·(−log p(fake)) of the generated ones
+        (w_u, w_f times the ramp-up factor); each the mean over voxels: three (B,) tensors.
+
+        Args:
+          y_labeled: (B, *S, K) one-hot labels; logits_*: (B_*, *S, K) segmentor logits.
+        """
+        cfg = self.config
+        ramp = self.rampup()
+        labeled = gan_losses.labeled_loss(y_labeled, logits_labeled, self.class_weights)
+        unlabeled = ramp * cfg.unlabeled_weight * gan_losses.unlabeled_loss(logits_unlabeled)
+        fake_term = ramp * cfg.fake_weight * gan_losses.fake_loss(logits_fake)
+        return labeled, unlabeled, fake_term
+
     def discriminator_step(self, labeled_images, labels, unlabeled_images, z
                            ) -> dict[str, tf.Tensor]:
         """One update of the segmentor on labeled + unlabeled + fake patches.
@@ -280,10 +329,8 @@ class FMGAN(SegMethod):
             logits = tf.cast(logits, tf.float32)
             logits_l, logits_u, logits_f = (logits[:b_l], logits[b_l:b_l + b_u],
                                             logits[b_l + b_u:])
-            labeled = gan_losses.labeled_loss(self.one_hot(labels), logits_l, self.class_weights)
-            ramp = self.rampup()
-            unlabeled = ramp * cfg.unlabeled_weight * gan_losses.unlabeled_loss(logits_u)
-            fake_term = ramp * cfg.fake_weight * gan_losses.fake_loss(logits_f)
+            labeled, unlabeled, fake_term = self.discriminator_terms(
+                self.one_hot(labels), logits_l, logits_u, logits_f)
             loss = global_mean(labeled) + global_mean(unlabeled) + global_mean(fake_term)
         grad_norm = self.apply_network_gradients("seg_optimizer", tape, loss)
         features = tf.cast(features, tf.float32)
@@ -291,7 +338,8 @@ class FMGAN(SegMethod):
                 "unlabeled_loss": tf.reduce_mean(unlabeled),
                 "fake_loss": tf.reduce_mean(fake_term),
                 "fm_distance": gan_losses.feature_matching(
-                    features[b_l:b_l + b_u], features[b_l + b_u:], cfg.feature_norm),
+                    features[b_l:b_l + b_u], features[b_l + b_u:], cfg.feature_norm,
+                    cfg.feature_reduction),
                 "p_fake_on_fake": tf.reduce_mean(gan_losses.fake_probability(logits_f)),
                 "p_fake_on_unlabeled": tf.reduce_mean(gan_losses.fake_probability(logits_u)),
                 "seg_grad_norm": grad_norm}
@@ -307,7 +355,8 @@ class FMGAN(SegMethod):
             return terms
         real_features = tf.stop_gradient(self.feature_extractor(unlabeled_images, training=True))
         fake_features = self.feature_extractor(fake, training=True)
-        fm = gan_losses.feature_matching(real_features, fake_features, cfg.feature_norm)
+        fm = gan_losses.feature_matching(real_features, fake_features, cfg.feature_norm,
+                                         cfg.feature_reduction)
         terms["gen_loss"] = fm / float(num_replicas())
         if cfg.gan_loss == "bad":
             mu, log_sigma = self.encoder(fake, training=True)
