@@ -5,7 +5,8 @@
     python -m launch.translate --model=RUN_DIR --input=/data/target --dataset=brats --output=out/
     python -m launch.translate --model=RUN_DIR --direction=source_to_target --input=... --output=...
 
---model: a run folder of --method=cyclegan or --method=mixmatch --adapt=cyclegan. --input as for
+--model: a run folder of --method=cyclegan or --method=mixmatch --adapt=cyclegan, or a translator
+exported from one (`launch.export --run_dir=RUN --translator=target_to_source`). --input as for
 launch.predict: one scan file, comma-separated files in the domain's modality order, a DICOM
 series folder, or with --dataset a folder in that dataset's layout. The scans are preprocessed as
 the run's input domain was (target for target_to_source), translated slice by slice, and written
@@ -25,7 +26,8 @@ FLAGS = flags.FlagValues()
 _F = dict(flag_values=FLAGS)
 
 flags.DEFINE_string("model", None, "Run folder of --method=cyclegan or --method=mixmatch "
-                    "--adapt=cyclegan.", **_F)
+                    "--adapt=cyclegan, or a translator export (launch.export --translator).",
+                    **_F)
 flags.DEFINE_string("input", None, "Scan file, comma-separated files in modality order, DICOM "
                     "folder, or dataset folder (with --dataset).", **_F)
 flags.DEFINE_string("output", None, "Output folder for <subject>_translated.nii.gz.", **_F)

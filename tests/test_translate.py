@@ -97,3 +97,55 @@ def test_runs_without_cyclegan_and_translator_runs_fail_in_one_line(cyclegan_run
         translate_cli.main(["launch.translate", f"--model={tmp_path / 'missing'}",
                             "--input=x.nii.gz", f"--output={tmp_path}"])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_exported_translator_serves_the_runs_translation(cyclegan_run, tmp_path, capsys):
+    """launch.export --translator writes a SavedModel whose output equals the run's generator
+    (odd sizes padded and cropped back); launch.translate reads it like the run folder, and
+    refuses an export of the other direction."""
+    from tfseg.io import read_image
+    from tfseg.translate import load_translator
+
+    run_dir, target = cyclegan_run
+    assert export_cli.main(["launch.export", f"--run_dir={run_dir}",
+                            "--translator=target_to_source"]) == 0
+    export_dir = capsys.readouterr().out.split("Exported: ")[1].split()[0]
+    assert export_dir.endswith(os.path.join("export", "brats_cyclegan_target_to_source", "1"))
+    from_run, exported = load_translator(run_dir), load_translator(os.path.dirname(export_dir))
+    assert exported.assets["kind"] == "translator" and exported.modalities == from_run.modalities
+    images = np.random.default_rng(0).uniform(-0.2, 1.2, (2, 16, 20, 4)).astype(np.float32)
+    np.testing.assert_allclose(exported.probabilities(images).numpy(),
+                               from_run.probabilities(images).numpy(), atol=1e-5)
+    # 13 x 18: padded with each image's background level to 16 x 20, cropped back.
+    odd = images[:, :13, :18]
+    padded = np.broadcast_to(odd.min(axis=(1, 2), keepdims=True), images.shape).copy()
+    padded[:, :13, :18] = odd
+    served = exported.probabilities(odd).numpy()
+    assert served.shape == odd.shape
+    np.testing.assert_allclose(served, from_run.probabilities(padded).numpy()[:, :13, :18],
+                               atol=1e-5)
+    case, files = _case(target)
+    outputs = []
+    for model, folder in ((run_dir, "by_run"), (export_dir, "by_export")):
+        assert translate_cli.main(["launch.translate", f"--model={model}",
+                                   f"--input={','.join(files)}",
+                                   f"--output={tmp_path / folder}"]) == 0
+        outputs.append(read_image(str(tmp_path / folder / f"{case}_t1_translated.nii.gz"))[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
+    with pytest.raises(SystemExit):
+        translate_cli.main(["launch.translate", f"--model={export_dir}",
+                            "--direction=source_to_target", f"--input={files[0]}",
+                            f"--output={tmp_path / 'x'}"])
+    assert "translates target_to_source, not source_to_target" in capsys.readouterr().err
+    # A segmentation export (assets without "kind": "translator") is named as such.
+    import json
+    import shutil
+
+    segmentation = tmp_path / "segmentation_export"
+    shutil.copytree(export_dir, segmentation)
+    assets_path = segmentation / "assets" / "preprocessing.json"
+    assets = json.loads(assets_path.read_text())
+    del assets["kind"]
+    assets_path.write_text(json.dumps(assets))
+    with pytest.raises(ValueError, match="is a segmentation export, not a translator"):
+        load_translator(str(segmentation))

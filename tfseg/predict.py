@@ -87,9 +87,10 @@ class Scan:
     channel_indices: tuple[int | None, ...] | None = None
 
 
-def load_exported_model(path: str) -> ExportedModel:
+def load_exported_model(path: str, output: str = "probabilities") -> ExportedModel:
     """Loads `<export>/<version>/` written by `tfseg.export` (also accepts its parent folder,
-    taking the highest version).
+    taking the highest version); `output`: the signature output that `probabilities` returns
+    ("translation" for `tfseg.translate.export_translator`'s exports).
 
     Raises:
       ValueError: naming the folder if it is not such an export.
@@ -111,8 +112,12 @@ def load_exported_model(path: str) -> ExportedModel:
     except (OSError, KeyError, ValueError, tf.errors.OpError) as error:
         raise ValueError(f"Cannot load the SavedModel in {path}: {error}") from None
 
+    if output not in signature.structured_outputs:
+        raise ValueError(f"The SavedModel in {path} has no output {output!r} (it has "
+                         f"{', '.join(sorted(signature.structured_outputs))}).")
+
     def probabilities(images):
-        return signature(image=images)["probabilities"]
+        return signature(image=images)[output]
 
     # Keep the loaded object alive as long as the function that calls into it.
     probabilities.loaded = loaded

@@ -4,7 +4,14 @@
 The model is a run folder of `--method=cyclegan` or `--method=mixmatch --adapt=cyclegan`: its
 generators come from the finished CycleGAN stage's checkpoint (`checkpoints/stages/
 <i>_cyclegan.weights.h5`, so a MixMatch run can translate while its second stage still trains)
-or else the selected checkpoint (`checkpoints/best.weights.h5`).
+or else the selected checkpoint (`checkpoints/best.weights.h5`). Or it is an exported translator
+(`export_translator`, `launch.export --translator=DIRECTION`): a SavedModel of one direction's
+generator, `<run_dir>/export/<dataset>_<method>_<direction>/<version>/`, whose
+`serving_default` signature takes `image` (B, H, W, C) float32 in preprocessed units (any H, W:
+padded to the generator's multiple of 4 and cropped back) and returns `translation` of the same
+shape, with `assets/preprocessing.json` (`"kind": "translator"`, the direction, and the input
+domain's preprocessing) so that `launch.translate --model=<export>` needs no run folder, no
+method code and no records.
 
 Each scan goes through the same steps as `launch.predict` (`tfseg.predict`: `find_scans`,
 `read_scan`; `preprocessing.preprocess_volume` with the settings recorded in the input domain's
@@ -26,9 +33,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-__all__ = ["DIRECTIONS", "load_translator", "translate_inputs"]
+__all__ = ["DIRECTIONS", "export_translator", "load_translator", "translate_inputs"]
 
 DIRECTIONS = ("target_to_source", "source_to_target")
+TRANSLATOR_KIND = "translator"
+SIZE_MULTIPLE = 4  # two stride-2 convolutions in the ResNet generator
 
 
 def _checkpoint(run_dir: str) -> str:
@@ -45,8 +54,14 @@ def _checkpoint(run_dir: str) -> str:
     return best
 
 
-def load_translator(run_dir: str, direction: str = "target_to_source"):
-    """The run's generator for `direction` and a predict-style model of the input domain.
+def load_translator(model: str, direction: str = "target_to_source"):
+    """A run's generator (or an exported translator) for `direction`, as a predict-style model
+    of the input domain.
+
+    Args:
+      model: a run folder, or an export written by `export_translator` (its version folder or
+        the folder of versions).
+      direction: for a run, the generator to use; an export holds one direction and must match.
 
     Returns:
       A `tfseg.predict.ExportedModel` whose `probabilities` is the translation (B, H, W, C) ->
@@ -54,9 +69,23 @@ def load_translator(run_dir: str, direction: str = "target_to_source"):
       domain's.
 
     Raises:
-      ValueError: a folder that is not a run, a run without CycleGAN (naming its method), a
-        run without a target domain for the target's direction, or missing weights.
+      ValueError: a folder that is neither a run nor a translator export (a segmentation export
+        says so), a run without CycleGAN (naming its method), a run without a target domain for
+        the target's direction, missing weights, or an export of the other direction.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; choose one of {list(DIRECTIONS)}.")
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        return _load_exported_translator(model, direction)
+    translate, assets, dataset, config = _run_translator(model, direction)
+    from tfseg.predict import ExportedModel
+
+    return ExportedModel(path=model, probabilities=translate, assets=assets, dataset=dataset,
+                         config=config)
+
+
+def _run_translator(run_dir: str, direction: str):
+    """(translate function, assets, Dataset facts, PreprocessConfig) of a run's generator."""
     import tensorflow as tf
 
     from preprocessing import PreprocessConfig
@@ -65,7 +94,6 @@ def load_translator(run_dir: str, direction: str = "target_to_source"):
     from tfseg.datasets import Dataset
     from tfseg.export import preprocessing_assets
     from tfseg.methods import DataSpec, config_from_dict, get_method_module
-    from tfseg.predict import ExportedModel
     from tfseg.run import RunInfo, domain_records, read_config
 
     if direction not in DIRECTIONS:
@@ -114,9 +142,110 @@ def load_translator(run_dir: str, direction: str = "target_to_source"):
     if facts.get("label_map") is not None:
         facts["label_map"] = {int(k): int(v) for k, v in facts["label_map"].items()}
     translate.method = method  # keeps the networks alive with the function
-    return ExportedModel(path=run_dir, probabilities=translate, assets=assets,
-                         dataset=config_from_dict(Dataset, facts),
-                         config=config_from_dict(PreprocessConfig, assets["settings"]))
+    translate.generator = generator
+    return (translate, assets, config_from_dict(Dataset, facts),
+            config_from_dict(PreprocessConfig, assets["settings"]))
+
+
+def export_translator(run_dir: str, direction: str = "target_to_source", version: int = 1,
+                      overwrite: bool = True) -> str:
+    """Exports one direction's generator of a CycleGAN run as a SavedModel (module docstring).
+
+    Returns:
+      The version folder `<run_dir>/export/<dataset>_<method>_<direction>/<version>/`.
+
+    Raises:
+      ValueError: see `load_translator`; a bad version; an existing export without `overwrite`.
+    """
+    import json
+    import shutil
+
+    import keras
+    import tensorflow as tf
+
+    from tfseg._files import make_temporary_dir, remove_stale_temporary_dirs
+    from tfseg.export import PREPROCESSING_ASSET, _jsonable, _move_into_place
+
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer (TF Serving loads numeric "
+                         f"folders), got {version!r}.")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; choose one of {list(DIRECTIONS)}.")
+    translate, assets, _, _ = _run_translator(run_dir, direction)
+    method, generator = translate.method, translate.generator
+    channels = int(method.data_spec.num_channels)
+    from tfseg.run import read_config
+
+    config = read_config(run_dir)
+    name = f"{config.get('dataset', 'run')}_{config['method']}_{direction}"
+    export_dir = os.path.abspath(os.path.join(run_dir, "export", name, str(version)))
+    if os.path.exists(export_dir) and not overwrite:
+        raise ValueError(f"{export_dir} already exists. Export under another version "
+                         "(--version) or pass --overwrite to replace it.")
+    signature = tf.TensorSpec([None, None, None, channels], tf.float32, name="image")
+
+    def serve(image):
+        checks = [tf.debugging.assert_equal(
+                      tf.shape(image)[-1], channels,
+                      message=f"image must have {channels} channel(s) "
+                              f"({', '.join(assets.get('modalities') or [])}) on its last axis"),
+                  tf.debugging.assert_all_finite(image, message="image has NaN or infinite "
+                                                                "values; fix the scan first")]
+        with tf.control_dependencies(checks):
+            image = tf.identity(image)
+        shape = tf.shape(image)
+        padded = image
+        for axis in (1, 2):  # pad with the background level, crop back after
+            amount = (-shape[axis]) % SIZE_MULTIPLE
+            pad_shape = tf.tensor_scatter_nd_update(tf.shape(padded), [[axis]], [amount])
+            background = tf.reduce_min(image, axis=[1, 2], keepdims=True)
+            padded = tf.concat([padded, tf.broadcast_to(background, pad_shape)], axis)
+        translated = method.from_gan_range(
+            generator(method.to_gan_range(padded), training=False))
+        return {"translation": tf.slice(translated, [0, 0, 0, 0],
+                                        tf.concat([shape[:-1], [-1]], 0))}
+
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporary_dirs(parent, os.path.basename(export_dir))
+    temporary = make_temporary_dir(parent, os.path.basename(export_dir))
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(generator)
+        archive.add_endpoint("serving_default", serve, input_signature=[signature])
+        archive.write_out(temporary, verbose=False)
+        os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
+        with open(os.path.join(temporary, PREPROCESSING_ASSET), "w", encoding="utf-8") as f:
+            json.dump(dict(assets, kind=TRANSLATOR_KIND), f, indent=2, default=_jsonable)
+            f.write("\n")
+        _move_into_place(temporary, export_dir)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return export_dir
+
+
+def _load_exported_translator(path: str, direction: str):
+    import json
+
+    from tfseg.export import PREPROCESSING_ASSET
+    from tfseg.predict import _version_folder, load_exported_model
+
+    version = _version_folder(path)
+    try:
+        with open(os.path.join(version, PREPROCESSING_ASSET), encoding="utf-8") as f:
+            kind = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # load_exported_model names what is wrong with the folder
+    if kind != TRANSLATOR_KIND and os.path.isfile(os.path.join(version, PREPROCESSING_ASSET)):
+        raise ValueError(f"{version} is a segmentation export, not a translator; export one "
+                         "with `python -m launch.export --run_dir=<CycleGAN run> "
+                         "--translator=target_to_source`, or pass the run folder.")
+    model = load_exported_model(version, output="translation")
+    if model.assets.get("direction") != direction:
+        raise ValueError(f"{model.path} translates {model.assets.get('direction')}, not "
+                         f"{direction}; pass --direction={model.assets.get('direction')} or "
+                         "export the other direction.")
+    return model
 
 
 def translate_scan(model, scan, *, tile_batch: int = 4) -> tuple[np.ndarray, Any]:
