@@ -251,3 +251,101 @@ def test_mixup_soft_labels(dominant_first):
     assert np.count_nonzero((probs[:, 0, 0] > 1e-6).sum(-1) <= 2) == batch  # two sources at most
     with pytest.raises(ValueError, match="alpha must be > 0"):
         augment.mixup(tf.constant(images), tf.constant(one_hot), 0.0, SEED)
+
+
+# --------------------------------------------------------------------------- half batches
+def _changed_examples(out, original):
+    return [not np.array_equal(o, i) for o, i in zip(np.asarray(out), np.asarray(original))]
+
+
+def test_half_modifier_touches_only_odd_positions():
+    """"elastic+intensity+half": even positions untouched (no affine in the spec), odd ones get
+    the whole spec, each half with its own split of the seed."""
+    images, labels = _blocks(batch=5)
+    out_images, out_labels = augment.augment(tf.constant(images), tf.constant(labels),
+                                             "elastic+intensity+half", SEED)
+    assert _changed_examples(out_images, images) == [False, True, False, True, False]
+    np.testing.assert_array_equal(out_labels.numpy()[0::2], labels[0::2])
+    assert all(_changed_examples(out_labels.numpy()[1::2], labels[1::2]))
+    _, seed_odd = tf.unstack(tf.random.experimental.stateless_split(SEED, 2))
+    odd_images, odd_labels = augment.augment(tf.constant(images[1::2]),
+                                             tf.constant(labels[1::2]), "elastic+intensity",
+                                             seed_odd)
+    np.testing.assert_allclose(out_images.numpy()[1::2], odd_images.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out_labels.numpy()[1::2], odd_labels.numpy())
+
+
+def test_half_modifier_keeps_affine_on_every_example():
+    """The paper's RD row: even positions affine-only, odd positions affine + elastic."""
+    images, labels = _blocks(batch=6)
+    out_images, out_labels = augment.augment(tf.constant(images), tf.constant(labels),
+                                             "affine+elastic+half", SEED)
+    seed_even, seed_odd = tf.unstack(tf.random.experimental.stateless_split(SEED, 2))
+    even = augment.augment(tf.constant(images[0::2]), tf.constant(labels[0::2]), "affine",
+                           seed_even)
+    odd = augment.augment(tf.constant(images[1::2]), tf.constant(labels[1::2]),
+                          "affine+elastic", seed_odd)
+    np.testing.assert_allclose(out_images.numpy()[0::2], even[0].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out_labels.numpy()[0::2], even[1].numpy())
+    np.testing.assert_allclose(out_images.numpy()[1::2], odd[0].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out_labels.numpy()[1::2], odd[1].numpy())
+    # affine alone: "half" changes nothing
+    plain = augment.augment(tf.constant(images), tf.constant(labels), "affine", SEED)
+    halved = augment.augment(tf.constant(images), tf.constant(labels), "affine+half", SEED)
+    np.testing.assert_array_equal(plain[1].numpy(), halved[1].numpy())
+
+
+def test_half_modifier_in_graphs_and_parsing():
+    images, labels = _blocks(batch=3)
+    spec = "affine+elastic+intensity+half"
+    eager = augment.augment(tf.constant(images), tf.constant(labels), spec, SEED)
+    mapped = next(iter(tf.data.Dataset.from_tensors((images, labels)).map(
+        lambda x, y: augment.augment(x, y, spec, SEED))))
+    np.testing.assert_allclose(mapped[0].numpy(), eager[0].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(mapped[1].numpy(), eager[1].numpy())
+    assert augment.parse_spec("half+intensity+affine") == ("affine", "intensity")
+    assert augment.is_half("affine+HALF") and not augment.is_half("affine+intensity")
+    out, none = augment.augment(tf.constant(images), None, "intensity+half", SEED)
+    assert none is None and _changed_examples(out, images) == [False, True, False]
+
+
+def test_mixup_half_mixes_only_odd_positions():
+    batch, classes = 8, 8
+    images = np.broadcast_to(np.arange(batch, dtype=np.float32)[:, None, None, None],
+                             (batch, 2, 2, 1)).copy()
+    one_hot = np.broadcast_to(np.eye(classes, dtype=np.float32)[:, None, None, :],
+                              (batch, 2, 2, classes)).copy()
+    mixed_images, mixed_labels = augment.mixup_half(tf.constant(images), tf.constant(one_hot),
+                                                    0.4, SEED)
+    np.testing.assert_array_equal(mixed_images.numpy()[0::2], images[0::2])
+    np.testing.assert_array_equal(mixed_labels.numpy()[0::2], one_hot[0::2])
+    full_images, full_labels = augment.mixup(tf.constant(images), tf.constant(one_hot), 0.4,
+                                             SEED)
+    np.testing.assert_array_equal(mixed_images.numpy()[1::2], full_images.numpy()[1::2])
+    np.testing.assert_array_equal(mixed_labels.numpy()[1::2], full_labels.numpy()[1::2])
+    assert any(_changed_examples(mixed_images.numpy()[1::2], images[1::2]))
+    np.testing.assert_allclose(mixed_labels.numpy().sum(-1), 1.0, atol=1e-6)
+
+
+def test_supervised_augment_half_option():
+    """supervised's `augment_half` (the "paper" preset): the pipeline spec gets "half", mixup
+    mixes odd positions only; off by default."""
+    from tfseg.methods import DataSpec, apply_overrides, supervised
+
+    spec2d = DataSpec(2, 1, 3, ("background", "a", "b"), (16, 16))
+    config = apply_overrides(supervised.Config(), supervised.PRESETS["paper"],
+                             ["augment=affine+elastic+intensity+mixup", "filters=4,8"])
+    assert config.augment_half
+    assert supervised.pipeline_augment(config, 2) == "affine+elastic+intensity+half"
+    default = apply_overrides(supervised.Config(), None, ["augment=affine+elastic"])
+    assert not default.augment_half and supervised.pipeline_augment(default, 2) == "affine+elastic"
+    none = apply_overrides(supervised.Config(), supervised.PRESETS["paper"], ["augment=none"])
+    assert supervised.pipeline_augment(none, 2) == "none"
+    method = supervised.build(config, spec2d)
+    labels = np.tile(np.arange(8, dtype=np.int32)[:, None, None] % 3, (1, 16, 16))
+    images = labels[..., None].astype(np.float32)
+    data = {"labeled": {"image": tf.constant(images), "label": tf.constant(labels)}}
+    mixed, targets = method.labeled_batch(data)
+    np.testing.assert_array_equal(mixed.numpy()[0::2], images[0::2])
+    np.testing.assert_array_equal(targets.numpy()[0::2], np.eye(3)[labels[0::2]])
+    assert any(_changed_examples(mixed.numpy()[1::2], images[1::2]))

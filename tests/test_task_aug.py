@@ -3,6 +3,7 @@ optimizer isolation, the stage schedule (fresh segmentor), ablation settings, an
 end-to-end `launch.train --method=task_aug` run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -287,6 +288,73 @@ def test_final_stage_starts_from_a_fresh_segmentor():
         np.testing.assert_array_equal(before, v.numpy())  # the generators are kept
 
 
+# --------------------------------------------------------------------------- presets, D batch
+def _adam_settings(method):
+    return {name: tuple(round(float(v), 9) for v in (opt.learning_rate, opt.beta_1, opt.beta_2))
+            for name, opt in method.optimizers().items()}
+
+
+@pytest.mark.parametrize("preset", [None, "paper", "reference", "quick"])
+def test_every_network_gets_the_papers_adam(preset):
+    """Paper: Adam 1e-3 with default betas for S, G_V, D_V, G_I and D_I (also the published
+    training script's setting); every preset keeps it."""
+    config = apply_overrides(task_aug.Config(), task_aug.PRESETS.get(preset), TINY)
+    method = task_aug.build(config, SPEC)
+    method.compile()
+    assert _adam_settings(method) == {name: (1e-3, 0.9, 0.999) for name in (
+        "seg_optimizer", "gen_v_optimizer", "disc_v_optimizer", "gen_i_optimizer",
+        "disc_i_optimizer")}
+    old = _method("gen_learning_rate=1e-4", "disc_learning_rate=2e-4", "gan_beta_1=0.5")
+    settings = _adam_settings(old)
+    assert settings["seg_optimizer"] == (1e-3, 0.9, 0.999)
+    assert settings["gen_v_optimizer"] == settings["gen_i_optimizer"] == (1e-4, 0.5, 0.999)
+    assert settings["disc_v_optimizer"] == settings["disc_i_optimizer"] == (2e-4, 0.5, 0.999)
+
+
+def test_presets_paper_reference_quick():
+    paper = apply_overrides(task_aug.Config(), task_aug.PRESETS["paper"], ())
+    assert paper == task_aug.Config()            # the default config is the paper's
+    assert (paper.batch_size, paper.unlabeled_batch_size, paper.disc_batch) == (20, 20, "joint")
+    reference = apply_overrides(task_aug.Config(), task_aug.PRESETS["reference"], ())
+    assert dataclasses.replace(reference, joint=True) == paper and not reference.joint
+    quick = apply_overrides(task_aug.Config(), task_aug.PRESETS["quick"], ())
+    # the paper's structure: depth, stage order, batch composition, optimisers, loss weights
+    assert len(quick.filters) == len(paper.filters) == 5
+    assert len(quick.gen_z_filters) == len(quick.disc_filters) == 5
+    assert quick.batch_size == quick.unlabeled_batch_size
+    same = ("learning_rate", "beta_1", "gen_learning_rate", "disc_learning_rate", "gan_beta_1",
+            "disc_batch", "adversarial_weight", "large_deviation_weight", "joint", "use",
+            "mixup", "real_affine", "z_dim")
+    assert {f: getattr(quick, f) for f in same} == {f: getattr(paper, f) for f in same}
+    assert quick.pretrain_steps > 0 and quick.deformation_steps > 0 and quick.intensity_steps > 0
+
+
+@pytest.mark.parametrize("disc_batch", ["joint", "separate"])
+def test_discriminator_batch_joint_or_separate(disc_batch):
+    """joint: one D pass over [generated; real] (shared batch-norm statistics, as the reference
+    code); separate: one pass each. Checked against D called by hand in training mode."""
+    method = _method(f"disc_batch={disc_batch}", compile=False)
+    _randomize_output_layers(method)
+    data = _batch(unlabeled=3)
+    images = data["labeled"]["image"]
+    targets = method.one_hot(data["labeled"]["label"])
+    z = tf.random.normal((4, 8))
+    terms = method.generator_terms("intensity", images, targets, z, data["unlabeled"]["image"],
+                                   training=True)
+    generated, real = terms["generated"], data["unlabeled"]["image"]
+    joint = tf.sigmoid(method.disc_i(tf.concat([generated, real], 0), training=True))
+    separate_fake = tf.sigmoid(method.disc_i(generated, training=True))
+    separate_real = tf.sigmoid(method.disc_i(real, training=True))
+    fake, true = ((joint[:4], joint[4:]) if disc_batch == "joint"
+                  else (separate_fake, separate_real))
+    np.testing.assert_allclose(float(terms["d_fake_prob"]), float(tf.reduce_mean(fake)),
+                               rtol=1e-4)
+    np.testing.assert_allclose(float(terms["d_real_prob"]), float(tf.reduce_mean(true)),
+                               rtol=1e-4)
+    # the two settings really differ (batch statistics of one batch vs two)
+    assert abs(float(tf.reduce_mean(joint[:4])) - float(tf.reduce_mean(separate_fake))) > 1e-4
+
+
 # --------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("override, message", [
     ("use=random", r"use='random'; choose one of \['deformation', 'intensity', 'both'\]"),
@@ -296,6 +364,7 @@ def test_final_stage_starts_from_a_fresh_segmentor():
     ("mixup_alpha=0", r"mixup_alpha must be > 0"),
     ("deformation_steps=0", r"needs deformation_steps >= 1"),
     ("class_weights=1,1", r"needs one weight per class"),
+    ("disc_batch=mixed", r"disc_batch='mixed'; choose one of \['joint', 'separate'\]"),
 ])
 def test_bad_settings_are_refused(override, message):
     with pytest.raises(ValueError, match=message):

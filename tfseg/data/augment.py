@@ -18,6 +18,14 @@ Pipeline operations (`spec` is "none" or a "+"-joined subset, applied in this fi
              the p2..p98 range). One (c, b) per example, shared by its channels. No gamma: the
              normalised intensities can be negative, where a power law is undefined.
 
+  half       not an operation but a modifier: the other operations touch only every second
+             example (odd batch positions 1, 3, 5, ...), the even positions get the spec's affine
+             alone (or nothing without affine) — the task-driven paper's random-augmentation
+             baselines, whose batches are half affine-only and half with the named augmentation.
+             Alternate positions, not the second half of the batch, so that every replica's share
+             of a distributed batch is half and half too. The two halves get their own draws
+             (`split_half`).
+
 Resampling: affine and elastic are composed into one sampling grid, so an image is interpolated
 once. Images are sampled bilinearly with zero fill outside the image (the percentile-normalised
 background level); labels are sampled with nearest neighbour and filled with class 0, so they stay
@@ -32,6 +40,7 @@ from typing import Sequence
 import tensorflow as tf
 
 PIPELINE_OPS = ("affine", "elastic", "flip", "intensity")  # also the order of application
+HALF = "half"  # spec modifier: the non-affine operations touch odd batch positions only
 _SPATIAL_ONLY_2D = ("affine", "elastic")
 
 
@@ -39,11 +48,12 @@ def parse_spec(spec: str, spatial_dims: int | None = None) -> tuple[str, ...]:
     """Checks an augmentation spec and returns its operations in application order.
 
     Args:
-      spec: "none" (or "") or a "+"-joined subset of `PIPELINE_OPS`, e.g. "affine+intensity".
+      spec: "none" (or "") or a "+"-joined subset of `PIPELINE_OPS`, e.g. "affine+intensity",
+        optionally with the modifier "half" (`is_half`).
       spatial_dims: 2 or 3 to also check that every operation supports that dimensionality.
 
     Returns:
-      The operations, ordered as applied (affine, elastic, flip, intensity).
+      The operations, ordered as applied (affine, elastic, flip, intensity); "half" is not one.
 
     Raises:
       ValueError: for an unknown or repeated operation, mixup, or a 2D-only operation with 3D.
@@ -51,7 +61,7 @@ def parse_spec(spec: str, spatial_dims: int | None = None) -> tuple[str, ...]:
     text = (spec or "").strip().lower()
     if text in ("", "none"):
         return ()
-    names = [part.strip() for part in text.split("+")]
+    names = [part.strip() for part in text.split("+") if part.strip() != HALF]
     for name in names:
         if name == "mixup":
             raise ValueError(f"Augmentation spec {spec!r}: mixup produces soft labels, so it is not "
@@ -68,6 +78,23 @@ def parse_spec(spec: str, spatial_dims: int | None = None) -> tuple[str, ...]:
             raise ValueError(f"Augmentation spec {spec!r}: {', '.join(bad)} are implemented for 2D "
                              "slices only; for 3D patches use 'flip' and/or 'intensity'.")
     return tuple(op for op in PIPELINE_OPS if op in names)
+
+
+def is_half(spec: str) -> bool:
+    """True when `spec` carries the "half" modifier (see the module docstring)."""
+    return HALF in [part.strip() for part in (spec or "").strip().lower().split("+")]
+
+
+def split_half(tensor: tf.Tensor):
+    """(even positions 0, 2, ..., odd positions 1, 3, ...) of a batch, and their indices."""
+    index = tf.range(tf.shape(tensor)[0])
+    even, odd = index[0::2], index[1::2]
+    return tf.gather(tensor, even), tf.gather(tensor, odd), (even, odd)
+
+
+def merge_half(even_part: tf.Tensor, odd_part: tf.Tensor, indices) -> tf.Tensor:
+    """Inverse of `split_half`: the batch with the two parts back at their positions."""
+    return tf.dynamic_stitch(list(indices), [even_part, odd_part])
 
 
 def _as_seed(seed) -> tf.Tensor:
@@ -304,9 +331,11 @@ def augment(images: tf.Tensor, labels: tf.Tensor | None, spec: str, seed):
     Args:
       images: (B, H, W, C) or (B, D, H, W, C) float32.
       labels: (B, H, W) or (B, D, H, W) integer class indices, or None (images only).
-      spec: "none" or a "+"-joined subset of "affine", "elastic", "flip", "intensity".
+      spec: "none" or a "+"-joined subset of "affine", "elastic", "flip", "intensity", optionally
+        with "half" (the non-affine operations on odd batch positions only).
       seed: shape-[2] int32/int64 seed. Each operation uses its own sub-seed (fixed by its name),
-        so adding an operation to the spec does not change the draws of the others.
+        so adding an operation to the spec does not change the draws of the others (within a
+        spec without "half"; with it each half draws from its own split of the seed).
 
     Returns:
       (images, labels) with unchanged shapes and dtypes (labels None if given None).
@@ -321,6 +350,8 @@ def augment(images: tf.Tensor, labels: tf.Tensor | None, spec: str, seed):
     ops = parse_spec(spec, spatial_dims=rank - 2)
     if not ops:
         return images, labels
+    if is_half(spec) and set(ops) - {"affine"}:
+        return _augment_half(images, labels, ops, seed)
     seeds = dict(zip(PIPELINE_OPS, _split(seed, len(PIPELINE_OPS))))
     if ops[0] == "affine" and "elastic" not in ops:
         images, labels = random_affine(images, labels, seeds["affine"])
@@ -339,6 +370,23 @@ def augment(images: tf.Tensor, labels: tf.Tensor | None, spec: str, seed):
         images, labels = random_flip(images, labels, seeds["flip"])
     if "intensity" in ops:
         images = random_intensity(images, seeds["intensity"])
+    return images, labels
+
+
+def _augment_half(images, labels, ops, seed):
+    """Even batch positions: the affine of `ops` only; odd positions: all of `ops`. Each half is
+    augmented as a batch of its own with its own seed (split of `seed`: 0 even, 1 odd)."""
+    seed_even, seed_odd = _split(seed, 2)
+    base = "+".join(op for op in ops if op == "affine") or "none"
+    even_images, odd_images, indices = split_half(images)
+    even_labels = odd_labels = None
+    if labels is not None:
+        even_labels, odd_labels, _ = split_half(labels)
+    even_images, even_labels = augment(even_images, even_labels, base, seed_even)
+    odd_images, odd_labels = augment(odd_images, odd_labels, "+".join(ops), seed_odd)
+    images = merge_half(even_images, odd_images, indices)
+    if labels is not None:
+        labels = merge_half(even_labels, odd_labels, indices)
     return images, labels
 
 
@@ -384,3 +432,16 @@ def mixup(images: tf.Tensor, label_probs: tf.Tensor, alpha: float, seed,
     mixed_images = lam_x * images + (1 - lam_x) * tf.gather(images, perm)
     mixed_labels = lam_y * label_probs + (1 - lam_y) * tf.gather(label_probs, perm)
     return mixed_images, mixed_labels
+
+
+def mixup_half(images: tf.Tensor, label_probs: tf.Tensor, alpha: float, seed):
+    """`mixup` on odd batch positions only (partners drawn from the whole batch); even positions
+    are returned unchanged — the task-driven paper's Mixup baseline (half the batch mixed)."""
+    mixed_images, mixed_labels = mixup(images, label_probs, alpha, seed)
+    odd = tf.math.floormod(tf.range(tf.shape(images)[0]), 2) == 1            # (B,)
+
+    def pick(mixed, original):
+        mask = tf.reshape(odd, [-1] + [1] * (original.shape.rank - 1))
+        return tf.where(mask, mixed, original)
+
+    return pick(mixed_images, images), pick(mixed_labels, label_probs)

@@ -42,7 +42,20 @@ the pipeline (`pipeline_augment = "none"`), because stage 4 needs un-augmented g
 and originals from the same batch. The discriminators' real (unlabeled) images get their own
 draw of the same affine augmentation (`real_affine`, on by default): otherwise the affine step's
 interpolation smoothing and zero fill, present only in generated images, let D tell fake from
-real without looking at the generator's transformation.
+real without looking at the generator's transformation. The reference code does the same (it
+affine-augments its unlabeled batches).
+
+Optimisers (paper): every network Adam, learning rate 1e-3, default betas (0.9, 0.999) — also
+what the published training script runs (`--lr_gen=0.001 --lr_disc=0.001`, β1 0.9). Earlier
+versions of this file used 1e-4 and β1 0.5 for the generators and discriminators (DCGAN
+practice, neither the paper's nor the reference's); `--set=gen_learning_rate=1e-4
+--set=disc_learning_rate=1e-4 --set=gan_beta_1=0.5` restores them.
+Discriminator batch (`disc_batch`): "joint" (default) runs D once on [generated; real] — one
+batch-norm batch, as the reference code feeds them (the paper does not say); "separate" runs it
+on each, so each gets its own batch statistics (what this file did before).
+
+Presets: Config() is the paper's setting ("paper" names it); "reference" is the published code's
+behaviour where it differs and we can select it; "quick" shrinks widths and steps only.
 
 Ablations (Config): adversarial_weight (λ_adv), large_deviation_weight (λ_LD), joint (False:
 the generators' objective lacks L_seg — "independent" optimisation), use (deformation |
@@ -72,6 +85,7 @@ from tfseg.methods.base import DataSpec, SegMethod, Stage, global_mean, probabil
 from tfseg.networks import task_aug_nets, unet
 
 USES = ("deformation", "intensity", "both")
+DISC_BATCHES = ("joint", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +95,11 @@ class Config:
     Attributes:
       filters: segmentor U-Net filters (PAPER_UNET_2D: 16…256).
       class_weights: weighted-CE class weights; None = background 0.1, 0.9 split.
-      learning_rate, beta_1: Adam of the segmentor.
-      gen_learning_rate, disc_learning_rate, gan_beta_1: Adam of the generators / discriminators.
+      learning_rate, beta_1: Adam of the segmentor (paper: 1e-3, 0.9).
+      gen_learning_rate, disc_learning_rate, gan_beta_1: Adam of the generators / discriminators
+        (paper: 1e-3, 1e-3, 0.9 — every network alike).
+      disc_batch: "joint" — D sees real and generated images in one batch (one set of batch-norm
+        statistics; the reference code, the paper is silent); "separate" — two D passes.
       batch_size: labeled slices per batch (stages 2–4: half originals, half generator inputs).
       unlabeled_batch_size: unlabeled slices per batch (the discriminators' real images).
       z_dim: noise length; gen_filters: image-branch/trunk channels; gen_z_filters: the five
@@ -103,9 +120,10 @@ class Config:
     class_weights: tuple[float, ...] | None = None
     learning_rate: float = 1e-3
     beta_1: float = 0.9
-    gen_learning_rate: float = 1e-4
-    disc_learning_rate: float = 1e-4
-    gan_beta_1: float = 0.5
+    gen_learning_rate: float = 1e-3
+    disc_learning_rate: float = 1e-3
+    gan_beta_1: float = 0.9
+    disc_batch: str = "joint"
     batch_size: int = 20
     unlabeled_batch_size: int = 20
     z_dim: int = 100
@@ -133,15 +151,32 @@ MIN_EXAMPLE_SIZE = 32
 
 PRESETS = {
     # `python -m launch.train --method=task_aug --dataset=synthetic_cardiac --preset=quick`:
-    # 12 min wall (14 min CPU) on 2 shared cores, test mean Dice 0.706 (README; supervised quick
-    # 0.488). The exported (final)
-    # segmentor gets the supervised quick preset's 800 steps, as the paper trains every
-    # segmentor for the same number of iterations.
-    "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
+    # QUICK_HEADER
+    # The paper's structure at a smaller size: 5-level U-Net (8…128 instead of 16…256), the
+    # generators' five up-sampling convs and the discriminators' five convs narrower, batch 8
+    # labeled + 8 unlabeled (paper 20 + 20), stages 200 / 300 / 300 / 800 steps (paper
+    # 5k / 10k / 10k / 10k), validation every 50 steps. Optimisers, loss weights, stage order and
+    # batch composition are the paper's. A seed reproduces a run exactly only on the same
+    # hardware and thread count.
+    "quick": {"filters": (8, 16, 32, 64, 128), "batch_size": 8, "unlabeled_batch_size": 8,
               "gen_filters": 8, "gen_z_filters": (32, 16, 16, 8, 8),
-              "disc_filters": (8, 16, 32, 32, 32), "gen_learning_rate": 1e-3,
-              "disc_learning_rate": 1e-3, "pretrain_steps": 200, "deformation_steps": 300,
-              "intensity_steps": 300, "steps": 800, "validation_every": 50},
+              "disc_filters": (8, 16, 32, 32, 32), "pretrain_steps": 200,
+              "deformation_steps": 300, "intensity_steps": 300, "steps": 800,
+              "validation_every": 50},
+    # The paper's text (= Config()): U-Net 16…256, every network Adam 1e-3 with default betas,
+    # batch 20 + 20 unlabeled, λ_adv 1, λ_LD 1e-3, joint optimisation, D on [generated; real]
+    # in one batch (the reference's; the paper is silent). Not run here at this size (CPU).
+    "paper": {"learning_rate": 1e-3, "beta_1": 0.9, "gen_learning_rate": 1e-3,
+              "disc_learning_rate": 1e-3, "gan_beta_1": 0.9, "batch_size": 20,
+              "unlabeled_batch_size": 20, "adversarial_weight": 1.0,
+              "large_deviation_weight": 1e-3, "joint": True, "disc_batch": "joint"},
+    # The published code's behaviour where it differs from the paper and is selectable here:
+    # its segmentation loss reaches the generator through a numpy round trip, so G gets no
+    # L_seg gradient (= joint=false). Not reproduced: 5–15 of its 20 slices are originals (a
+    # random count per step, here always half), S is updated by the generator's optimizer in
+    # the generator stages and D after G in a second pass (here all three from one forward
+    # pass), and each generator script pretrains S for 400 steps of its own. Not run here.
+    "reference": {"joint": False, "disc_batch": "joint"},
 }
 
 
@@ -162,6 +197,9 @@ def resolve(config: Config, data_spec: DataSpec) -> Config:
     if len(config.class_weights) != data_spec.num_classes:
         raise ValueError(f"task_aug: class_weights={config.class_weights} needs one weight per "
                          f"class ({data_spec.num_classes}: {', '.join(data_spec.class_names)}).")
+    if config.disc_batch not in DISC_BATCHES:
+        raise ValueError(f"task_aug: disc_batch={config.disc_batch!r}; choose one of "
+                         f"{list(DISC_BATCHES)}.")
     if config.use not in USES:
         raise ValueError(f"task_aug: use={config.use!r}; choose one of {list(USES)}.")
     if config.batch_size < 2 or config.batch_size % 2:
@@ -344,8 +382,13 @@ class TaskAug(SegMethod):
         gen_seg = global_mean(self.seg_loss(gen_targets, logits))
         # One D pass on x_G serves both players: disc_loss is only differentiated w.r.t. D's
         # variables and gen_loss only w.r.t. G's.
-        fake_logit = disc(generated, training=training)                       # (B, 1)
-        real_logit = disc(unlabeled, training=training)                       # (B', 1)
+        if c.disc_batch == "joint":   # one batch-norm batch of [generated; real]
+            logit = disc(tf.concat([generated, tf.cast(unlabeled, generated.dtype)], 0),
+                         training=training)                                   # (B + B', 1)
+            fake_logit, real_logit = logit[:tf.shape(generated)[0]], logit[tf.shape(generated)[0]:]
+        else:
+            fake_logit = disc(generated, training=training)                   # (B, 1)
+            real_logit = disc(unlabeled, training=training)                   # (B', 1)
         gen_adv = global_mean(gan_losses.generator_adversarial_loss(fake_logit))  # −log D(x_G)
         disc_loss = (global_mean(gan_losses.discriminator_real_loss(real_logit))
                      + global_mean(gan_losses.discriminator_fake_loss(fake_logit)))
