@@ -244,9 +244,16 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
         return {"probabilities": probabilities, "labels": labels,
                 "label_map": tf.gather(value_table, labels)}
 
+    return write_saved_model(export_dir, network, serve, signature, preprocessing)
+
+
+def write_saved_model(export_dir: str, network, serve, signature, assets: Mapping[str, Any]
+                      ) -> str:
+    """Writes `serve` as the `serving_default` signature (tracking `network`'s variables) and
+    `assets` as assets/preprocessing.json into `export_dir`, atomically: a temporary sibling
+    folder renamed into place (a killed export leaves only that, removed by the next export)."""
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    # A killed export leaves its temporary folder: the next export removes it.
     remove_stale_temporary_dirs(parent, os.path.basename(export_dir))
     temporary = make_temporary_dir(parent, os.path.basename(export_dir))
     try:
@@ -256,7 +263,7 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
         archive.write_out(temporary, verbose=False)
         os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
         with open(os.path.join(temporary, PREPROCESSING_ASSET), "w", encoding="utf-8") as f:
-            json.dump(dict(preprocessing), f, indent=2, default=_jsonable)
+            json.dump(dict(assets), f, indent=2, default=_jsonable)
             f.write("\n")
         _move_into_place(temporary, export_dir)
     finally:

@@ -157,14 +157,9 @@ def export_translator(run_dir: str, direction: str = "target_to_source", version
     Raises:
       ValueError: see `load_translator`; a bad version; an existing export without `overwrite`.
     """
-    import json
-    import shutil
-
-    import keras
     import tensorflow as tf
 
-    from tfseg._files import make_temporary_dir, remove_stale_temporary_dirs
-    from tfseg.export import PREPROCESSING_ASSET, _jsonable, _move_into_place
+    from tfseg.export import write_saved_model
 
     if not isinstance(version, int) or version < 1:
         raise ValueError(f"version must be a positive integer (TF Serving loads numeric "
@@ -205,23 +200,8 @@ def export_translator(run_dir: str, direction: str = "target_to_source", version
         return {"translation": tf.slice(translated, [0, 0, 0, 0],
                                         tf.concat([shape[:-1], [-1]], 0))}
 
-    parent = os.path.dirname(export_dir)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporary_dirs(parent, os.path.basename(export_dir))
-    temporary = make_temporary_dir(parent, os.path.basename(export_dir))
-    try:
-        archive = keras.export.ExportArchive()
-        archive.track(generator)
-        archive.add_endpoint("serving_default", serve, input_signature=[signature])
-        archive.write_out(temporary, verbose=False)
-        os.makedirs(os.path.join(temporary, "assets"), exist_ok=True)
-        with open(os.path.join(temporary, PREPROCESSING_ASSET), "w", encoding="utf-8") as f:
-            json.dump(dict(assets, kind=TRANSLATOR_KIND), f, indent=2, default=_jsonable)
-            f.write("\n")
-        _move_into_place(temporary, export_dir)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    return export_dir
+    return write_saved_model(export_dir, generator, serve, signature,
+                             dict(assets, kind=TRANSLATOR_KIND))
 
 
 def _load_exported_translator(path: str, direction: str):
