@@ -75,6 +75,9 @@ flags.DEFINE_boolean("fixed_test", False, "One test and validation set for every
                      "with --seed (launch.train --test_seed): only the labeled subjects change "
                      "between draws, so rows of different draws are scored on the same subjects "
                      "(the few-shot GAN paper's protocol).", **_F)
+flags.DEFINE_enum("mixed_precision", None, ["auto", "none", "bf16"], "launch.train's "
+                  "--mixed_precision for every run (default: launch.train's default); per arm: "
+                  "--set=ARM:mixed_precision=bf16.", **_F)
 flags.DEFINE_boolean("n4", True, "N4 bias-field correction during preprocessing (MR).", **_F)
 flags.DEFINE_string("records_root", "records", "Folder of preprocessed records and splits.", **_F)
 flags.DEFINE_integer("preprocess_workers", 1, "Subjects preprocessed in parallel.", **_F)
@@ -146,6 +149,8 @@ def main(argv) -> int:
             _common.fail(PROGRAM, f"--compare={item}: expected method_a:method_b.")
         compare.append(pair)
     overrides = _common.parse_set(FLAGS.set, PROGRAM)
+    if FLAGS.mixed_precision:  # first, so that a per-arm --set=ARM:mixed_precision=... wins
+        overrides = (f"mixed_precision={FLAGS.mixed_precision}", *overrides)
     dataset_options = {**_common.parse_options(FLAGS.dataset_option, PROGRAM, "--dataset_option"),
                        **({"phase": FLAGS.phase} if FLAGS.phase else {})}
     target_options = _common.parse_options(FLAGS.target_option, PROGRAM, "--target_option")

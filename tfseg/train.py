@@ -32,6 +32,7 @@ from absl import logging
 import tfseg
 from tfseg import callbacks as cb
 from tfseg import distribute
+from tfseg import hardware
 from tfseg._files import check_writable, write_json_atomic
 from tfseg.data import domains, pipeline, schema
 from tfseg.data import splits as splits_lib
@@ -39,7 +40,7 @@ from tfseg.datasets import get_dataset
 from tfseg import run as run_folder
 from tfseg.methods import DataSpec, get_method_module, resolve_config
 
-MIXED_PRECISION = ("none", "bf16")
+MIXED_PRECISION = hardware.MIXED_PRECISION
 # Settings that must match for a re-run to resume an existing run folder.
 _RESUME_KEYS = ("method", "method_config", "dataset", "dataset_options", "split", "data_spec",
                 "pipeline", "target")
@@ -71,7 +72,9 @@ class TrainConfig:
       steps / validation_every: None = the method's defaults.
       seed: training seed (weights, pipeline, augmentation); None = split_seed.
       distribute: "none" | "mirrored" | "multi_worker".
-      mixed_precision: "none" | "bf16" (mixed_bfloat16 compute, float32 variables and losses).
+      mixed_precision: "none" | "bf16" (mixed_bfloat16 compute, float32 variables and losses)
+        | "auto" (bf16 where the hardware runs it natively, `tfseg.hardware`); config.json
+        records the request and the resolved value ("mixed_precision").
       deterministic: TensorFlow op determinism (`tf.config.experimental.
         enable_op_determinism`, for the rest of the process): the same command and seed on the
         same machine then give the same weights and test metrics. Off by default because it
@@ -134,9 +137,7 @@ class TrainConfig:
         if self.distribute not in distribute.STRATEGIES:
             raise ValueError(f"distribute={self.distribute!r}; choose one of "
                              f"{list(distribute.STRATEGIES)}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of "
-                             f"{list(MIXED_PRECISION)}.")
+        hardware.check_mixed_precision(self.mixed_precision)
         for name in ("steps", "validation_every", "labeled"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -197,21 +198,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     keras.utils.set_random_seed(config.training_seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    previous_policy = keras.mixed_precision.global_policy()
-    if config.mixed_precision == "bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        with strategy.scope():
-            method = module.build(method_config, data_spec)
-            method.compile()
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    precision = hardware.resolve_mixed_precision(config.mixed_precision)
+    logging.info("Training with %s.", precision.describe())
+    with hardware.precision_policy(precision), strategy.scope():
+        method = module.build(method_config, data_spec)
+        method.compile()
     plans = cb.plan_stages(method.stages(), int(method.config.validation_every))
     validator = _validator(records_dir, manifest, split, data_spec, method)
     policy = "best_val" if validator is not None and plans and plans[-1].stage.select_best \
         else "last"
     run_config = _run_config(config, method, data_spec, split, records_dir, run_dir, policy,
                              plans, strategy, target)
+    run_config["mixed_precision"] = precision.to_dict()
     if chief:
         run_folder.write_config(run_dir, run_config, _RESUME_KEYS)
 
@@ -351,7 +349,8 @@ def _check_target(target: Mapping[str, Any], manifest: Mapping[str, Any],
                          "Evaluating on the target needs the same regions: choose the target's "
                          "target option like the source's (or give the target a split without "
                          "test patients).")
-    if list(target_spec.class_names) != [data_spec.class_names[i] for i in class_map] or             class_map != tuple(range(len(class_map))):
+    if list(target_spec.class_names) != [data_spec.class_names[i] for i in class_map] or \
+            class_map != tuple(range(len(class_map))):
         logging.info("Target classes %s are evaluated as the source classes %s.",
                      list(target_spec.class_names),
                      [data_spec.class_names[i] for i in class_map])

@@ -15,6 +15,10 @@ DRAWS = ("distinct", "independent")
 # Seeds tried per repeat for a labeled draw that no earlier repeat made (then the study goes on
 # with a repeated draw, which study.md reports).
 MAX_SEED_TRIES = 1000
+# `--set` names that are launch.train flags, not method settings: `--set=mixed_precision=bf16`
+# (every arm) or `--set=ARM:mixed_precision=bf16` runs launch.train --mixed_precision=bf16, so a
+# study can compare precisions arm by arm (e.g. fp32=supervised,bf16=supervised).
+TRAIN_SETTINGS = ("mixed_precision",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +204,14 @@ class RunSpec:
         if config.fixed_test:
             argv.append(f"--test_seed={config.test_seed}")
         argv += target_flags(config)
-        argv += [f"--set={item}" for item in self.overrides]
+        argv += [f"--{item}" if is_train_setting(item) else f"--set={item}"
+                 for item in self.overrides]
         return argv
+
+
+def is_train_setting(item: str) -> bool:
+    """Whether a "name=value" override is a launch.train flag (`TRAIN_SETTINGS`)."""
+    return item.partition("=")[0].strip() in TRAIN_SETTINGS
 
 
 def target_request(config: StudyConfig) -> dict[str, Any] | None:
@@ -277,7 +287,8 @@ def split_overrides(overrides: Sequence[str], method_fields: Mapping[str, Sequen
             result[method].append(f"{name}={value}")
             continue
         name = key.strip()
-        targets = [m for m, fields in method_fields.items() if name in fields]
+        targets = [m for m, fields in method_fields.items()
+                   if name in fields or name in TRAIN_SETTINGS]
         if not targets:
             raise ValueError(f"--set={item!r}: none of the study's methods "
                              f"({', '.join(method_fields)}) has a setting {name!r}.")
@@ -317,9 +328,14 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
         raise ValueError(f"Unknown method(s) {', '.join(map(repr, unknown))}. Available: "
                          f"{', '.join(available_methods())}.")
     per_method = split_overrides(config.overrides, method_fields(config))
+    from tfseg.hardware import check_mixed_precision
+
     for label, method in config.arms.items():
         try:
-            resolve_config(get_method_module(method), config.preset, per_method[label])
+            for item in filter(is_train_setting, per_method[label]):
+                check_mixed_precision(item.partition("=")[2].strip(), "--set=mixed_precision")
+            resolve_config(get_method_module(method), config.preset,
+                           [o for o in per_method[label] if not is_train_setting(o)])
         except ValueError as error:
             raise ValueError(f"Method {_arm_name(config, label)}: {error}") from None
     return per_method
