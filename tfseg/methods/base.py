@@ -161,9 +161,14 @@ class SegMethod(keras.Model):
                   initializer: str = "zeros") -> keras.Variable:
         """A non-trainable variable of the method that is not a network weight (an image pool,
         a counter, an EMA): saved with every checkpoint and resume state, restored on resume.
-        Create it in `__init__`; update it in `train_step` with `.assign(...)`."""
+        Create it in `__init__`; update it in `train_step` with `.assign(...)`.
+
+        Under a distribution strategy it is one value for all replicas: an assignment in the
+        train step keeps the first replica's value on every replica (without it each replica's
+        copy would drift apart, and a checkpoint would keep only one of them)."""
         return self.add_weight(name=name, shape=tuple(shape), dtype=dtype,
-                               initializer=initializer, trainable=False)
+                               initializer=initializer, trainable=False,
+                               aggregation="only_first_replica")
 
     # ----------------------------------------------------------------------- schedule
     def stages(self) -> list[Stage]:
