@@ -114,7 +114,9 @@ PRESETS = {
     # --dataset_option=modalities=t1ce,t2,flair --labeled=3 --num_val=2 --num_test=8`
     # (S3-3C): 174–378 s wall per run on 2 shared cores (load 10–13), test mean Dice 0.418 over
     # three labeled draws (whole tumour 0.848, tumour core 0.073, enhancing 0.333; the BCE
-    # comparator `supervised --set=network=segan` 0.458): docs/results/segan.md.
+    # comparator `supervised --set=network=segan` 0.458; S3-1C 0.440; S1-1C, one model per
+    # region via --set=variant=S1-1C --set=s1_map=<region>, 0.431): docs/results/segan.md.
+    # A seed reproduces a run exactly only on the same hardware and thread count.
     "quick": {"filters": (16, 32, 64, 128), "batch_size": 8, "learning_rate": 1e-3,
               "steps": 400, "validation_every": 100},
 }
