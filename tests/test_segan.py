@@ -287,3 +287,35 @@ def test_launch_train_on_brats_layout_then_load_run(tmp_path, method, sets):
     info = load_run(run)                 # rebuilds the predictor from the run's config
     assert info.data_spec.num_channels == 3 and info.size_multiple == 16
     assert info.predictor.get_layer("segmentor").get_layer("enc0_conv").kernel_size == (4, 4)
+
+
+def test_segan_on_the_paper_protocol_trains_on_160_crops_and_scores_whole_volumes(tmp_path):
+    """--dataset_option=protocol=segan: T1c/T2/FLAIR at 1 mm, 180 x 180 centre crop, random
+    160 x 160 training crops; evaluation predicts whole volumes on the original grid."""
+    from launch import train as train_cli
+    from test_regions import write_brats2018
+
+    data = str(tmp_path / "MICCAI_BraTS_2018_Data_Training")
+    write_brats2018(data, num_hgg=4, num_lgg_unlabeled=0, shape_zyx=(3, 40, 48))
+    run = str(tmp_path / "run")
+    argv = ["launch.train", "--method=segan", "--dataset=brats", f"--data_dir={data}",
+            "--dataset_option=protocol=segan", f"--records_root={tmp_path / 'rec'}",
+            f"--run_dir={run}", "--labeled=2", "--num_val=1", "--num_test=1", "--steps=2",
+            "--validation_every=2", "--non4", "--noexport", "--set=filters=4,8,8,8",
+            "--set=batch_size=2"]
+    assert train_cli.main(argv) == 0
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    assert config["data_spec"]["example_shape"] == [160, 160]
+    assert config["data_spec"]["num_channels"] == 3          # t1ce, t2, flair
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_subjects"] == 1
+    assert {"dice", "precision", "recall"} <= set(summary["classes"]["tumour_core"])
+    subject = summary["subjects"]
+    assert len(subject) == 1
+    import SimpleITK as sitk
+
+    name = next(iter(subject))
+    written = sitk.ReadImage(os.path.join(run, "predictions", f"{name}_seg.nii.gz"))
+    assert written.GetSize() == (48, 40, 3)                   # the original grid (x, y, z)
