@@ -97,10 +97,13 @@ class Config:
 
 PRESETS = {
     # `python -m launch.train --method=supervised --dataset=synthetic_cardiac --preset=quick`:
-    # 3.7 min wall on 2 shared cores, test mean Dice 0.488 (README). With one labeled
-    # patient the plain U-Net overfits within a few hundred steps (test Dice 0.20 after 400
-    # steps without augmentation); the paper's affine augmentation lifts it to 0.51 at 800 steps.
-    # `--set=augment=none` gives the paper's "no augmentation" row.
+    # 2.3–2.7 min per run on 2 idle cores; test mean Dice 0.484 ± 0.128 over seven labeled
+    # patients (per-run mean ± std, 0.316–0.640; docs/results/task_aug.md session 5, synthetic
+    # data v1) — one run's figure (e.g. the README's 0.488) says little on its own. With one
+    # labeled patient the plain U-Net overfits within a few hundred steps; the paper's affine
+    # augmentation (the default here) is what makes 800 steps useful. `--set=augment=none` gives
+    # the paper's "no augmentation" row. A seed reproduces a run exactly only on the same
+    # hardware and thread count.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "steps": 800,
               "validation_every": 100, "augment": "default"},
     # The task-driven paper's baselines (2D: U-Net 16…256, weighted CE, Adam 1e-3, batch 20, 10k

@@ -151,7 +151,10 @@ MIN_EXAMPLE_SIZE = 32
 
 PRESETS = {
     # `python -m launch.train --method=task_aug --dataset=synthetic_cardiac --preset=quick`:
-    # QUICK_HEADER
+    # 18–21 min per run on 2 shared cores (session 5: 7–9 min idle). Test mean Dice: see
+    # docs/results/task_aug.md — session 6 ran this preset's structure at half its steps over
+    # five labeled draws (fixed test set); session 5 ran the earlier quick preset over seven
+    # (0.568 ± 0.097 per run, 0.430–0.681). One run's figure says little on its own.
     # The paper's structure at a smaller size: 5-level U-Net (8…128 instead of 16…256), the
     # generators' five up-sampling convs and the discriminators' five convs narrower, batch 8
     # labeled + 8 unlabeled (paper 20 + 20), stages 200 / 300 / 300 / 800 steps (paper
