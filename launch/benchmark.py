@@ -53,8 +53,9 @@ flags.DEFINE_integer("steps", 20, "Timed train steps per stage.", **_F)
 flags.DEFINE_integer("warmup", 3, "Untimed train steps before timing (the first traces).", **_F)
 flags.DEFINE_integer("pipeline_batches", 50, "Timed batches of the pipeline alone.", **_F)
 flags.DEFINE_integer("pipeline_warmup", 10, "Untimed pipeline batches (cache, autotuning).", **_F)
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16"], "bf16: mixed_bfloat16 compute.",
-                  **_F)
+flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "bf16"],
+                  "bf16: mixed_bfloat16 compute; auto: bf16 where the hardware runs it "
+                  "natively, else none (the result records both).", **_F)
 flags.DEFINE_integer("seed", 0, "Weights, pipeline and augmentation seed.", **_F)
 flags.DEFINE_integer("tile_batch", 4, "Inference: slices (2D) or tiles (3D) per network call.",
                      **_F)
@@ -72,6 +73,15 @@ flags.DEFINE_integer("n4_levels", None, "N4 fitting levels of the timing and com
                      "(default: preprocessing's 4).", **_F)
 flags.DEFINE_integer("n4_iterations", None, "N4 iterations per level of the timing and "
                      "comparison (default: preprocessing's 50).", **_F)
+flags.DEFINE_boolean("overhead", True, "Also time the networks' own forward and backward "
+                     "passes (the reference step) in turns with the train step; report the "
+                     "ratio.", **_F)
+flags.DEFINE_integer("tile_compare_subjects", 2, "3D: subjects predicted with the default large "
+                     "tiles and with 32^3 tiles at overlap 0.5 (Dice of each); 0 skips.", **_F)
+flags.DEFINE_integer("peak_size", 2048, "Side of the square matmuls timed for the machine's "
+                     "float32 / bfloat16 peak; 0 skips the peak.", **_F)
+flags.DEFINE_boolean("compare_precision", False, "Also time the main stage's step in the other "
+                     "precision (float32 <-> bf16), in turns with this one: bf16_speedup.", **_F)
 flags.DEFINE_string("output", None, "Also write the JSON to this file.", **_F)
 
 _N4_COMPARE_ALIASES = {"false": "none", "no": "none", "0": "none", "off": "none",
@@ -103,7 +113,9 @@ def main(argv) -> int:
             inference_repeats=FLAGS.inference_repeats,
             n4_subjects=FLAGS.n4_subjects, n4_compare=n4_compare,
             n4_compare_max_voxels=FLAGS.n4_compare_max_voxels, n4_levels=FLAGS.n4_levels,
-            n4_iterations=FLAGS.n4_iterations)
+            n4_iterations=FLAGS.n4_iterations, overhead=FLAGS.overhead,
+            tile_compare_subjects=FLAGS.tile_compare_subjects, peak_size=FLAGS.peak_size,
+            compare_precision=FLAGS.compare_precision)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     try:

@@ -25,7 +25,8 @@ from test_train import tiny_split_file, write_tiny_records
 # Tiny network, 2 timed steps, 1 subject, a light N4 (1 level × 3 iterations) on a small crop.
 TINY_ARGS = ("--set=filters=4,8", "--steps=2", "--warmup=1", "--pipeline_batches=4",
              "--pipeline_warmup=1", "--inference_repeats=2", "--n4_subjects=1", "--n4_levels=1",
-             "--n4_iterations=3", "--n4_compare=crop", "--n4_compare_max_voxels=40000", "--non4")
+             "--n4_iterations=3", "--n4_compare=crop", "--n4_compare_max_voxels=40000", "--non4",
+             "--peak_size=256")
 POSITIVE = ("train_examples_per_s", "train_step_s_median", "pipeline_examples_per_s",
             "pipeline_to_train_ratio", "inference_s_per_volume", "preprocess_s_per_subject",
             "preprocess_s_per_subject_no_n4", "n4_speedup", "peak_rss_mb")
@@ -76,6 +77,27 @@ def _check_common(result):
     assert re.fullmatch(r"3\.\d+\.\d+", result["keras_version"])
     assert result["cpu_count"] >= 1
     assert result["method"] == "supervised" and result["method_config"]["filters"] == [4, 8]
+    # FLOPs: the step is 3x the forward of its one network call (the segmentor on the batch).
+    main = result["stages"][result["main_stage"]]
+    [call] = main["network_calls"]
+    assert call["network"] == "segmentor" and call["training"] is True
+    assert call["input_shapes"] == [[result["labeled_batch_size"], *result["input_shape"]]]
+    assert result["train_step_flops"] == 3 * main["forward_flops"] > 0
+    # The traced step computes both conv gradients, even the unused one of the first layer.
+    assert main["train_step_graph_flops"] >= result["train_step_flops"]
+    assert result["train_flops_per_s"] == pytest.approx(
+        result["train_step_flops"] / result["train_step_s_median"], rel=1e-3)
+    peaks = result["peak_flops_per_s"]
+    assert set(peaks) == {"float32", "bfloat16"} and min(peaks.values()) > 0
+    assert result["fraction_of_peak_train"] == pytest.approx(
+        result["train_flops_per_s"] / peaks[result["peak_dtype"]], rel=1e-3)
+    assert result["inference_flops_per_s"] == pytest.approx(
+        result["inference_flops_per_volume"] / result["inference_s_per_volume"], rel=1e-3)
+    assert result["fraction_of_peak_inference"] > 0
+    # Overhead: the step against the reference, timed in turns.
+    assert result["overhead_ratio"] == pytest.approx(
+        result["train_step_s_median"] / result["reference_step_s_median"], rel=1e-3)
+    assert main["overhead_ratio_constant_input"] > 0 and main["overhead_ratio_min"] > 0
 
 
 def test_2d_synthetic_cardiac_with_two_stages(tmp_path, capsys, monkeypatch):
@@ -89,11 +111,24 @@ def test_2d_synthetic_cardiac_with_two_stages(tmp_path, capsys, monkeypatch):
         Stage("pretrain", 50), Stage("skipped", 0), Stage("train", 100)])
     monkeypatch.setattr(supervised.Supervised, "begin_stage",
                         lambda self, stage: begun.append(stage.name))
+    from tfseg import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
     records = write_tiny_records(str(tmp_path / "records"))
     result = _run(tmp_path, capsys, "synthetic_cardiac", "--batch_size=3",
-                  f"--records_dir={records}", f"--split={tiny_split_file(str(tmp_path))}")
+                  f"--records_dir={records}", f"--split={tiny_split_file(str(tmp_path))}",
+                  "--mixed_precision=auto", "--compare_precision")
     _check_common(result)
-    assert begun == ["pretrain", "train"]
+    assert result["mixed_precision_requested"] == "auto"  # resolved "none": no bf16 flag
+    assert "none of avx512_bf16" in result["mixed_precision_reason"]
+    assert result["peak_dtype"] == "float32"
+    steps = result["precision_step_s_median"]
+    assert set(steps) == {"none", "bf16"} and min(steps.values()) > 0
+    assert result["bf16_speedup"] == pytest.approx(steps["none"] / steps["bf16"], rel=1e-3)
+    assert "tile_compare" not in result  # 2D: slices, no tiles
+    # Each measured stage, then the main stage again for the precision comparison (on this
+    # method and on its bf16 twin).
+    assert begun == ["pretrain", "train", "train", "train"]
     assert set(result["stages"]) == {"pretrain", "train"} and result["main_stage"] == "train"
     main = result["stages"]["train"]
     for key in ("train_step_s_median", "train_examples_per_s", "pipeline_examples_per_s",
@@ -122,6 +157,16 @@ def test_3d_synthetic_brain(tmp_path, capsys):
     # One tile covering the whole 64×80×64 volume (the 128³ default shrunk to it).
     assert result["inference_volume_shape"] == [64, 80, 64, 2]
     assert result["inference_tile_zyx"] == [64, 80, 64]
+    # Large tiles against 32³ tiles at overlap 0.5 on the same (test) subjects.
+    assert result["tile_compare_subjects"] == 2
+    large, small = result["tile_compare"]["large"], result["tile_compare"]["small"]
+    assert large["tile_zyx"] == [128, 128, 128] and small["tile_zyx"] == [32, 32, 32]
+    assert small["overlap"] == 0.5
+    for figures in (large, small):
+        assert len(figures["mean_dice"]) == 2 and all(0 <= d <= 1 for d in figures["mean_dice"])
+        assert figures["s_per_volume"] > 0
+    assert 0.5 < result["tile_compare_voxel_agreement"] <= 1.0
+    assert 0 <= result["tile_compare_max_probability_difference"] < 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -151,7 +196,8 @@ def test_help_lists_the_flags(capsys):
     out = capsys.readouterr().out
     for name in ("method", "dataset", "data_dir", "batch_size", "preset", "set", "steps",
                  "warmup", "mixed_precision", "n4_subjects", "n4_compare", "records_root",
-                 "inference_repeats", "output"):
+                 "inference_repeats", "output", "overhead", "tile_compare_subjects",
+                 "peak_size", "compare_precision"):
         assert re.search(rf"--(\[no\])?{name}: ", out), name
 
 
@@ -200,3 +246,144 @@ def test_network_parameters_lists_every_network():
             self.features = keras.Model(self.segmentor.inputs, self.segmentor.outputs)
 
     assert benchmark.network_parameters(Two()) == {"segmentor": 8, "teacher": 16}
+
+
+# --------------------------------------------------------------------------- FLOPs, overhead
+def _tiny_network():
+    import keras
+
+    return keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(5, 3, padding="same"),
+                             keras.layers.Conv2DTranspose(3, 2, strides=2),
+                             keras.layers.Flatten(), keras.layers.Dense(7)])
+
+
+def test_flops_are_counted_from_the_layer_shapes():
+    import keras
+    import tensorflow as tf
+    from tfseg import flops
+
+    model = _tiny_network()
+    conv = 8 * 8 * 5 * (3 * 3 * 2)          # output positions x channels x kernel x inputs
+    transposed = 8 * 8 * 5 * (2 * 2 * 3)    # input positions x in channels x kernel x out
+    dense = (16 * 16 * 3) * 7
+    assert flops.forward_flops(model, (1, 8, 8, 2)) == 2 * (conv + transposed + dense)
+    assert flops.forward_flops(model, (4, 8, 8, 2)) == 4 * 2 * (conv + transposed + dense)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    counted = flops.count_function_flops(step, tf.TensorSpec((1, 8, 8, 2)))
+    assert counted["unknown"] == 0
+    # Forward, gradient to each layer's input (TF emits it for the first conv too) and to
+    # each layer's weights: 3x the forward.
+    assert counted["by_op"] == {"Conv2D": 2 * (conv + transposed),
+                                "Conv2DBackpropInput": 2 * (transposed + conv),
+                                "Conv2DBackpropFilter": 2 * (conv + transposed),
+                                "MatMul": 3 * 2 * dense}
+    assert counted["flops"] == 3 * flops.forward_flops(model, (1, 8, 8, 2))
+    volume = keras.Sequential([keras.Input((4, 4, 4, 1)), keras.layers.Conv3D(2, 3,
+                                                                               padding="same")])
+    assert flops.forward_flops(volume, (1, 4, 4, 4, 1)) == 2 * 64 * 2 * 27
+
+
+def test_matmul_peak_is_measured_in_both_dtypes():
+    from tfseg import flops
+
+    for dtype in ("float32", "bfloat16"):
+        peak = flops.matmul_peak(dtype, size=128, repeats=2, min_seconds=0.01)
+        assert peak["dtype"] == dtype and peak["flops_per_s"] >= peak["flops_per_s_median"] > 0
+
+
+def test_inference_voxels_follow_predict_volumes_batches_and_tiles():
+    from tfseg import benchmark_inference as inference
+
+    # 2D: 10 slices in batches of 4 (the last one padded), 20x30 padded to 32x32.
+    assert inference.inference_voxels((10, 20, 30), 2, None, 0.5, 4, 16) == 12 * 32 * 32
+    # 3D: 40³ with 32³ tiles at overlap 0.5: starts 0 and 8 per axis, 8 tiles in 2 batches of 4.
+    assert inference.inference_voxels((40, 40, 40), 3, (32, 32, 32), 0.5, 4, 16) == 8 * 32 ** 3
+    # A tile larger than the volume shrinks to it (rounded up to the multiple): one tile.
+    assert inference.inference_voxels((20, 40, 40), 3, (128, 128, 128), 0.5, 4, 16) == \
+        32 * 48 * 48
+    assert inference.effective_tile((128, 128, 128), (20, 40, 40), 16) == [32, 48, 48]
+
+
+def _tiny_supervised(batch=2):
+    import tensorflow as tf
+    from tfseg.methods import DataSpec, get_method_module, resolve_config
+
+    spec = DataSpec(2, 1, 3, ("bg", "a", "b"), (16, 16))
+    module = get_method_module("supervised")
+    method = module.build(resolve_config(module, None, ["filters=4,8", f"batch_size={batch}"]),
+                          spec)
+    method.compile()
+    rng = np.random.default_rng(0)
+    batch_data = {"labeled": {"image": tf.constant(rng.normal(size=(batch, 16, 16, 1)),
+                                                   tf.float32),
+                              "label": tf.constant(rng.integers(0, 3, (batch, 16, 16)),
+                                                   tf.int32)},
+                  "unlabeled": {"image": tf.zeros((1, 16, 16, 1))}}
+    return method, batch_data
+
+
+def test_the_reference_step_makes_the_recorded_calls_and_trains_only_their_networks():
+    import keras
+    from tfseg import overhead
+
+    method, batch = _tiny_supervised()
+    before = [w.numpy().copy() for w in method.segmentor.trainable_weights]
+    iterations = int(method.seg_optimizer.iterations.numpy())
+    calls, concrete = overhead.record_network_calls(method, batch)
+    assert [(c.network, c.input_shapes, c.training) for c in calls] == [
+        (method.segmentor, [[2, 16, 16, 1]], True)]
+    assert concrete.graph.get_operations()  # the traced step
+    # Tracing ran nothing.
+    assert all(np.array_equal(a, w.numpy()) for a, w in
+               zip(before, method.segmentor.trainable_weights))
+    # The reference's loss (returned before its update) is the class-weighted cross-entropy
+    # of the segmentor on the step's own batch.
+    import tensorflow as tf
+    logits = method.segmentor(batch["labeled"]["image"], training=True)
+    labels = batch["labeled"]["label"]
+    weights = tf.gather(tf.constant(method.config.class_weights, tf.float32), labels)
+    expected = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels, logits) * weights))
+    step = overhead.reference_step(method, calls, method.config.class_weights, batch)
+    assert float(step()) == pytest.approx(expected, rel=1e-5)
+    changed = [not np.array_equal(a, w.numpy()) for a, w in
+               zip(before, method.segmentor.trainable_weights)]
+    assert all(changed)
+    assert int(method.seg_optimizer.iterations.numpy()) == iterations  # its own optimizer
+    assert keras.layers.Layer.__call__.__name__ == "__call__"  # the recorder is removed
+    timed = overhead.time_interleaved({"a": step, "b": lambda: None}, steps=2, warmup=1)
+    assert set(timed) == {"a", "b"} and timed["a"]["min_s"] <= timed["a"]["median_s"]
+
+
+def test_only_top_level_network_calls_are_recorded():
+    """A network calling another inside its own call counts once; two calls of the same
+    network (e.g. a discriminator on real and fake) count twice."""
+    import keras
+    import tensorflow as tf
+    from tfseg import overhead
+
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)], name="inner")
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, keras.layers.Dense(3)(inner(outer_in)), name="outer")
+    critic = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)], name="critic")
+
+    class Toy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.outer, self.critic = outer, critic
+
+        def train_step(self, data):
+            fake = self.outer(data["x"], training=True)
+            return {"loss": tf.reduce_mean(self.critic(fake, training=False))
+                    + tf.reduce_mean(self.critic(data["y"], training=True))}
+
+    toy = Toy()
+    calls, _ = overhead.record_network_calls(
+        toy, {"x": tf.zeros((5, 4)), "y": tf.zeros((6, 3))})
+    assert [(c.network.name, c.input_shapes, c.training) for c in calls] == [
+        ("outer", [[5, 4]], True), ("critic", [[5, 3]], False), ("critic", [[6, 3]], True)]

@@ -60,6 +60,9 @@ import tensorflow as tf
 from absl import logging
 
 import tfseg
+from tfseg import benchmark_inference as inference_lib
+from tfseg import flops as flops_lib
+from tfseg import hardware, overhead
 from tfseg import train as train_lib
 from tfseg.data import pipeline
 from tfseg.data import splits as splits_lib
@@ -70,7 +73,6 @@ __all__ = ["BenchmarkConfig", "run_benchmark", "network_parameters", "peak_rss_m
            "pipeline_config", "measure_pipeline", "n4_comparison_volume", "rounded",
            "REQUIRED_KEYS", "N4_COMPARE", "DEFAULT_N4_COMPARE_MAX_VOXELS"]
 
-MIXED_PRECISION = ("none", "bf16")
 N4_COMPARE = ("auto", "full", "crop", "none")
 # Whole-image full-resolution N4 up to this many voxels (~80³: 10-30 s on 2 cores).
 DEFAULT_N4_COMPARE_MAX_VOXELS = 512_000
@@ -81,7 +83,10 @@ REQUIRED_KEYS = (
     "preprocess_s_per_subject", "preprocess_s_per_subject_no_n4", "n4_speedup",
     "n4_field_correlation", "peak_rss_mb", "params", "params_per_network", "input_shape",
     "labeled_batch_size", "unlabeled_batch_size", "examples_per_step", "num_replicas",
-    "mixed_precision", "tensorflow_version", "keras_version", "cpu_count")
+    "mixed_precision", "tensorflow_version", "keras_version", "cpu_count",
+    "mixed_precision_requested", "train_step_flops", "train_flops_per_s",
+    "inference_flops_per_s", "peak_flops_per_s", "fraction_of_peak_train",
+    "fraction_of_peak_inference", "overhead_ratio", "reference_step_s_median")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +103,7 @@ class BenchmarkConfig:
         `labeled_batch_size`) field.
       steps / warmup: timed and untimed train steps per stage.
       pipeline_batches / pipeline_warmup: timed and untimed batches of the pipeline alone.
-      mixed_precision: "none" | "bf16".
+      mixed_precision: "auto" | "none" | "bf16" (`tfseg.hardware`).
       seed: weights, pipeline and augmentation seed.
       tile_batch / overlap: inference settings (as `launch.evaluate`).
       inference_repeats: timed whole-volume predictions (the median is reported).
@@ -107,6 +112,14 @@ class BenchmarkConfig:
       n4_compare_max_voxels: voxel budget of the full-resolution N4 comparison.
       n4_levels / n4_iterations: N4 settings of the preprocessing timing and the comparison
         (None: the preprocessing defaults, 4 levels × 50 iterations).
+      overhead: also time the reference step of the networks' own work (`tfseg.overhead`)
+        interleaved with the train step, and report their ratio.
+      tile_compare_subjects: 3D: subjects predicted with the default large tiles and with
+        32³ tiles at overlap 0.5 (Dice of each, their agreement); 0 skips it.
+      compare_precision: also build the method in the other precision (float32 <-> bf16) and
+        time the main stage's step in both, in turns: `bf16_speedup`.
+      peak_size: side of the square matmuls timed for the machine's float32 and bfloat16
+        peak (`tfseg.flops.matmul_peak`); 0 skips the peak (and the fractions of it).
     """
 
     method: str
@@ -137,18 +150,20 @@ class BenchmarkConfig:
     n4_compare_max_voxels: int = DEFAULT_N4_COMPARE_MAX_VOXELS
     n4_levels: int | None = None
     n4_iterations: int | None = None
+    overhead: bool = True
+    tile_compare_subjects: int = 2
+    peak_size: int = 2048
+    compare_precision: bool = False
 
     def __post_init__(self):
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose one of "
-                             f"{list(MIXED_PRECISION)}.")
+        hardware.check_mixed_precision(self.mixed_precision)
         if self.n4_compare not in N4_COMPARE:
             raise ValueError(f"n4_compare={self.n4_compare!r}; choose one of {list(N4_COMPARE)}.")
         for name in ("steps", "warmup", "pipeline_batches", "tile_batch", "preprocess_workers",
                      "n4_compare_max_voxels", "inference_repeats"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("pipeline_warmup", "n4_subjects"):
+        for name in ("pipeline_warmup", "n4_subjects", "tile_compare_subjects", "peak_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("batch_size", "labeled", "n4_levels", "n4_iterations"):
@@ -183,14 +198,11 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     data_spec = pipeline.dataset_facts(manifest)
 
     keras.utils.set_random_seed(config.seed)
-    previous_policy = keras.mixed_precision.global_policy()
-    if config.mixed_precision == "bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    precision = hardware.resolve_mixed_precision(config.mixed_precision)
+    logging.info("Benchmark: %s.", precision.describe())
+    with hardware.precision_policy(precision):
         method = module.build(method_config, data_spec)
         method.compile()
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
 
     result: dict[str, Any] = {
         "method": config.method, "dataset": config.dataset,
@@ -203,7 +215,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         "num_classes": data_spec.num_classes,
         "params": int(method.segmentor.count_params()),
         "params_per_network": network_parameters(method),
-        "mixed_precision": config.mixed_precision,
+        "mixed_precision": precision.resolved,
+        "mixed_precision_requested": precision.requested,
+        "mixed_precision_reason": precision.reason,
         "num_replicas": int(tf.distribute.get_strategy().num_replicas_in_sync),
         "jit_compile": bool(getattr(method, "jit_compile", False)),
         "steps_timed": config.steps, "warmup_steps": config.warmup,
@@ -225,16 +239,23 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         per_stage[keys[index]] = _measure_stage(config, method, records_dir, split, index)
         per_stage[keys[index]]["steps_in_schedule"] = int(stage.steps)
     main_figures = per_stage[keys[main]]
+    if config.compare_precision:
+        result.update(_compare_precision(config, module, method_config, data_spec, records_dir,
+                                         split, method, stages[main], precision))
     result.update(main_stage=keys[main], stages=per_stage, **{
         key: main_figures[key] for key in (
             "train_step_s_median", "train_step_s_mean", "train_step_s_min",
             "train_first_step_s", "train_step_cpu_s_median", "train_examples_per_s",
             "pipeline_examples_per_s",
             "pipeline_to_train_ratio", "labeled_batch_size", "unlabeled_batch_size",
-            "examples_per_step")})
+            "examples_per_step", "train_step_constant_input_s_median", "train_step_flops",
+            "train_flops_per_s", "reference_step_s_median", "overhead_ratio",
+            "overhead_ratio_constant_input") if key in main_figures})
 
     # 5. inference.
     result.update(_measure_inference(config, method, records_dir, manifest, split, data_spec))
+    # 5b. the machine's matmul peak, in this process and after the timings above.
+    result.update(_peak_figures(config, result, precision.resolved))
     # 6-7. preprocessing and N4.
     result.update(_measure_preprocessing(config, dataset, manifest))
 
@@ -247,6 +268,46 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         tfseg_version=tfseg.__version__, python_version=platform.python_version(),
         benchmark_seconds=round(time.perf_counter() - started, 2))
     return result
+
+
+def _compare_precision(config: BenchmarkConfig, module, method_config, data_spec, records_dir,
+                       split, method, stage, precision) -> dict[str, Any]:
+    """The main stage's train step in float32 and in bf16, timed in turns on one constant
+    batch: the bf16 speed-up measured so that machine load affects both alike."""
+    other = hardware.PrecisionChoice(precision.requested, "none" if precision.resolved == "bf16"
+                                     else "bf16", "the other precision, for the comparison")
+    keras.utils.set_random_seed(config.seed)
+    with hardware.precision_policy(other):
+        twin = module.build(method_config, data_spec)
+        twin.compile()
+    batch = next(iter(pipeline.training_dataset(records_dir, split,
+                                                pipeline_config(method, config.seed))))
+    functions = {}
+    for choice, each in ((precision, method), (other, twin)):
+        each.begin_stage(stage)
+        each.make_train_function(force=True)
+        constant = iter(tf.data.Dataset.from_tensors(batch).repeat())
+        functions[choice.resolved] = (lambda f=each.train_function, it=constant: f(it))
+    timed = overhead.time_interleaved(functions, config.steps, max(config.warmup, 1))
+    return {"precision_step_s_median": {k: v["median_s"] for k, v in timed.items()},
+            "bf16_speedup": timed["none"]["median_s"] / timed["bf16"]["median_s"]}
+
+
+def _peak_figures(config: BenchmarkConfig, result: Mapping[str, Any], resolved: str
+                  ) -> dict[str, Any]:
+    """float32 and bfloat16 matmul peaks and the fraction of the peak of the dtype the networks
+    compute in that the train step and inference reach."""
+    if not config.peak_size:
+        return {"peak_flops_per_s": None, "fraction_of_peak_train": None,
+                "fraction_of_peak_inference": None}
+    peaks = {dtype: flops_lib.matmul_peak(dtype, config.peak_size)
+             for dtype in ("float32", "bfloat16")}
+    peak = peaks["bfloat16" if resolved == "bf16" else "float32"]["flops_per_s"]
+    return {"peak_flops_per_s": {d: p["flops_per_s"] for d, p in peaks.items()},
+            "peak_matmul_size": config.peak_size, "peak_dtype": "bfloat16" if resolved == "bf16"
+            else "float32",
+            "fraction_of_peak_train": result["train_flops_per_s"] / peak,
+            "fraction_of_peak_inference": result["inference_flops_per_s"] / peak}
 
 
 # --------------------------------------------------------------------------- setup
@@ -322,49 +383,64 @@ def pipeline_config(method, seed: int, replicas: int = 1) -> pipeline.PipelineCo
         seed=seed, include_unlabeled=bool(unlabeled))
 
 
-def _block(outputs) -> None:
-    """Waits for a step's outputs (reading them back forces completion)."""
-    for value in tf.nest.flatten(outputs):
-        if hasattr(value, "numpy"):
-            value.numpy()
-
-
 def _measure_stage(config: BenchmarkConfig, method, records_dir, split, index: int
                    ) -> dict[str, Any]:
-    """Times the current train function (one stage) and then the stage's pipeline alone.
+    """Times the current train function (one stage) against its networks' own work, then the
+    stage's pipeline alone.
 
-    The timed steps read from the pipeline as `fit()` does (prefetched), so a slow pipeline would
-    show in the step time too; the pipeline is then timed on a fresh copy, with no step running.
+    Three functions are timed in turns (`tfseg.overhead.time_interleaved`), so that other
+    processes slow them alike: the train function on the method's pipeline (what `fit()` runs,
+    prefetched: a slow pipeline shows here), the same train function on one constant batch
+    (no pipeline), and the reference step of the networks' own forward and backward passes
+    (`tfseg.overhead.reference_step`). FLOPs are counted from the traced step
+    (`tfseg.flops`). The pipeline is then timed on a fresh copy, with no step running.
     """
     seed = config.seed * 1000 + index * 100_003  # as tfseg.train, for a fresh run
     examples = method.labeled_batch_size + method.unlabeled_batch_size
     train_function = method.train_function
     iterator = iter(pipeline.training_dataset(records_dir, split, pipeline_config(method, seed)))
+    batch = next(iterator)
+    calls, concrete = overhead.record_network_calls(method, batch)
+    forward = sum(flops_lib.forward_flops(c.network, c.input_shapes[0], bool(c.training))
+                  for c in calls if len(c.input_shapes) == 1)
+    constant = iter(tf.data.Dataset.from_tensors(batch).repeat())
     start = time.perf_counter()
-    _block(train_function(iterator))  # traces
+    overhead.block(train_function(iterator))  # traces
     first_step = time.perf_counter() - start
-    for _ in range(config.warmup - 1):
-        _block(train_function(iterator))
-    times, cpu_times = [], []
-    for _ in range(config.steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        _block(train_function(iterator))
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    del iterator
-    median = statistics.median(times)
+    functions = {"step": lambda: train_function(iterator),
+                 "step_constant_input": lambda: train_function(constant)}
+    if config.overhead:
+        weights = getattr(method.config, "class_weights", None)
+        functions["reference"] = overhead.reference_step(method, calls, weights, batch)
+    timed = overhead.time_interleaved(functions, config.steps, max(config.warmup - 1, 1))
+    del iterator, constant
+    median = timed["step"]["median_s"]
     train_rate = examples / median
-
+    figures = {"train_step_s_median": median, "train_step_s_mean": timed["step"]["mean_s"],
+               "train_step_s_min": timed["step"]["min_s"], "train_first_step_s": first_step,
+               "train_step_cpu_s_median": timed["step"]["cpu_median_s"],
+               "train_step_constant_input_s_median": timed["step_constant_input"]["median_s"],
+               "network_calls": [c.to_dict() for c in calls],
+               "forward_flops": forward, "train_step_flops": 3 * forward,
+               "train_step_graph_flops": flops_lib.count_graph_flops(concrete.graph)["flops"],
+               "train_flops_per_s": 3 * forward / median}
+    if config.overhead:
+        reference = timed["reference"]["median_s"]
+        figures.update(
+            reference_step_s_median=reference,
+            overhead_ratio=median / reference,
+            overhead_ratio_constant_input=timed["step_constant_input"]["median_s"] / reference,
+            overhead_ratio_min=timed["step"]["min_s"] / timed["reference"]["min_s"],
+            overhead_ratio_cpu=timed["step"]["cpu_median_s"] / timed["reference"]["cpu_median_s"])
     pipeline_rate = measure_pipeline(
         pipeline.training_dataset(records_dir, split, pipeline_config(method, seed + 1)),
         examples, config.pipeline_batches, config.pipeline_warmup)
-    return {"train_step_s_median": median, "train_step_s_mean": statistics.fmean(times),
-            "train_step_s_min": min(times), "train_first_step_s": first_step,
-            "train_step_cpu_s_median": statistics.median(cpu_times),
-            "train_examples_per_s": train_rate, "pipeline_examples_per_s": pipeline_rate,
-            "pipeline_to_train_ratio": pipeline_rate / train_rate,
-            "labeled_batch_size": method.labeled_batch_size,
-            "unlabeled_batch_size": method.unlabeled_batch_size, "examples_per_step": examples}
+    figures.update({"train_examples_per_s": train_rate, "pipeline_examples_per_s": pipeline_rate,
+                    "pipeline_to_train_ratio": pipeline_rate / train_rate,
+                    "labeled_batch_size": method.labeled_batch_size,
+                    "unlabeled_batch_size": method.unlabeled_batch_size,
+                    "examples_per_step": examples})
+    return figures
 
 
 def measure_pipeline(dataset: tf.data.Dataset, examples_per_batch: int, num_batches: int,
@@ -383,39 +459,23 @@ def measure_pipeline(dataset: tf.data.Dataset, examples_per_batch: int, num_batc
 # --------------------------------------------------------------------------- inference
 def _measure_inference(config: BenchmarkConfig, method, records_dir, manifest, split,
                        data_spec: DataSpec) -> dict[str, Any]:
-    from tfseg.inference import predict_volume, suggest_tile_size
-
     patients = split.val or split.test or split.labeled
-    subject_id = pipeline.subject_ids_for(manifest, patients[:1])[0]
-    image, _ = pipeline.load_subject(records_dir, subject_id, manifest)
-    tile = None
-    if data_spec.spatial_dims == 3:
-        tile = suggest_tile_size(data_spec.example_shape, method.size_multiple)
-
-    def predict():
-        return predict_volume(method.predictor, image, data_spec.spatial_dims, outputs="probabilities",
-                              patch_size_zyx=tile, overlap=config.overlap,
-                              tile_batch=config.tile_batch, size_multiple=method.size_multiple)
-
-    start = time.perf_counter()
-    predict()  # traces the forward pass for this tile shape
-    first = time.perf_counter() - start
-    seconds, cpu_seconds = [], []
-    for _ in range(config.inference_repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        predict()
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - cpu_start)
-    return {"inference_s_per_volume": statistics.median(seconds),
-            "inference_cpu_s_per_volume": statistics.median(cpu_seconds),
-            "inference_s_min": min(seconds), "inference_repeats": config.inference_repeats,
-            "inference_first_call_s": first,
-            "inference_subject": subject_id, "inference_volume_shape": list(image.shape),
-            # The tile predict_volume runs: the suggested one, shrunk to the (rounded-up) volume.
-            "inference_tile_zyx": None if tile is None else [
-                min(int(t), -(-int(s) // method.size_multiple) * method.size_multiple)
-                for t, s in zip(tile, image.shape[:3])],
-            "inference_tile_batch": config.tile_batch}
+    subject_ids = pipeline.subject_ids_for(manifest, patients)
+    image, _ = pipeline.load_subject(records_dir, subject_ids[0], manifest)
+    per_voxel = inference_lib.flops_per_voxel(method.predictor, data_spec)
+    result = inference_lib.measure_inference(
+        method.predictor, image, data_spec, method.size_multiple, tile_batch=config.tile_batch,
+        overlap=config.overlap, repeats=config.inference_repeats, subject_id=subject_ids[0],
+        per_voxel_flops=per_voxel)
+    result["inference_flops_per_voxel"] = per_voxel
+    if data_spec.spatial_dims == 3 and config.tile_compare_subjects:
+        # Test subjects first: the comparison is about the answer on held-back data.
+        ordered = pipeline.subject_ids_for(manifest, [*split.test, *split.val])
+        result.update(inference_lib.compare_tiles(
+            method.predictor, records_dir, manifest, ordered[:config.tile_compare_subjects],
+            data_spec, method.size_multiple, tile_batch=config.tile_batch,
+            overlap=config.overlap))
+    return result
 
 
 # --------------------------------------------------------------------------- preprocessing, N4
