@@ -164,8 +164,10 @@ PRESETS = {
     # --dataset_option=target=binary --dataset_option=modalities=t1,t1ce,t2 --labeled_fraction=0.1`:
     # 3.5-7 min wall per run on 2 cores shared by four engineers (load 9-13), test Dice 0.192 over
     # three labeled draws (0.114, 0.311, 0.151) vs 0.509 for --set=variant=sup, mIoU 0.42 vs 0.68
-    # (docs/results/dmnet.md: the joint labeled+unlabeled batch is the cause; try
-    # --set=stream_batches=separate, 0.273 vs 0.284 on one draw). With one labeled subject and
+    # (docs/results/dmnet.md: the joint labeled+unlabeled batch is part of the cause;
+    # --set=stream_batches=separate gives 0.285 over the same three draws, p 0.36 vs joint, still
+    # below the sup variant). A seed reproduces a run exactly only on the same hardware and
+    # thread count. With one labeled subject and
     # no intensity augmentation every variant keys on that subject's exact background value and
     # floods other subjects (val Dice 0.03), so quick adds the pipeline's intensity augmentation
     # of labeled slices (not in the paper).
