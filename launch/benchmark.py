@@ -82,6 +82,9 @@ flags.DEFINE_integer("peak_size", 2048, "Side of the square matmuls timed for th
                      "float32 / bfloat16 peak; 0 skips the peak.", **_F)
 flags.DEFINE_boolean("compare_precision", False, "Also time the main stage's step in the other "
                      "precision (float32 <-> bf16), in turns with this one: bf16_speedup.", **_F)
+flags.DEFINE_string("inference_run_dir", None, "A finished run folder (launch.train's): time "
+                    "inference and compare tiles with its trained predictor on its test "
+                    "subjects.", **_F)
 flags.DEFINE_string("output", None, "Also write the JSON to this file.", **_F)
 
 _N4_COMPARE_ALIASES = {"false": "none", "no": "none", "0": "none", "off": "none",
@@ -115,7 +118,8 @@ def main(argv) -> int:
             n4_compare_max_voxels=FLAGS.n4_compare_max_voxels, n4_levels=FLAGS.n4_levels,
             n4_iterations=FLAGS.n4_iterations, overhead=FLAGS.overhead,
             tile_compare_subjects=FLAGS.tile_compare_subjects, peak_size=FLAGS.peak_size,
-            compare_precision=FLAGS.compare_precision)
+            compare_precision=FLAGS.compare_precision,
+            inference_run_dir=FLAGS.inference_run_dir)
     except ValueError as error:
         _common.fail(PROGRAM, str(error))
     try:

@@ -387,3 +387,38 @@ def test_only_top_level_network_calls_are_recorded():
         toy, {"x": tf.zeros((5, 4)), "y": tf.zeros((6, 3))})
     assert [(c.network.name, c.input_shapes, c.training) for c in calls] == [
         ("outer", [[5, 4]], True), ("critic", [[5, 3]], False), ("critic", [[6, 3]], True)]
+
+
+def test_inference_run_dir_uses_the_runs_predictor_and_test_subjects(tmp_path, monkeypatch):
+    """--inference_run_dir: inference and the 3D tile comparison use the run's (trained)
+    predictor, records and held-back subjects instead of the benchmark's own."""
+    import types
+
+    import tfseg.run
+    from tfseg.data import pipeline, splits
+    from tfseg.methods import get_method_module, resolve_config
+
+    records = write_tiny_records(str(tmp_path / "records"), spatial_dims=3, num_labeled=6)
+    manifest = pipeline.load_manifest(records)
+    spec = pipeline.dataset_facts(manifest)
+    module = get_method_module("supervised")
+    method_config = resolve_config(module, None, ["filters=4,8", "batch_size=2"])
+    method = module.build(method_config, spec)
+    trained = module.build_predictor(method_config, spec)
+    run = types.SimpleNamespace(predictor=trained, size_multiple=method.size_multiple,
+                                data_spec=spec, records_dir=records, manifest=manifest,
+                                split={"val": ["p05"], "test": ["p04"]})
+    loaded = []
+    monkeypatch.setattr(tfseg.run, "load_run", lambda path: loaded.append(path) or run)
+    split = splits.load_split(tiny_split_file(str(tmp_path)))  # val p03, test p04 p05
+    config = benchmark.BenchmarkConfig(method="supervised", dataset="synthetic_brain",
+                                       inference_run_dir="some/run", inference_repeats=1,
+                                       tile_compare_subjects=5)
+    result = benchmark._measure_inference(config, method, records, manifest, split, spec)
+    assert loaded == ["some/run"] and result["inference_run_dir"] == "some/run"
+    assert result["inference_subject"] == "p05"  # the run's validation subject, not p03
+    assert result["tile_compare_subjects"] == 2  # the run's test + val subjects (p04, p05)
+    # Both settings cover the 16³ volume with one tile: the same answer.
+    assert result["tile_compare_voxel_agreement"] == 1.0
+    assert result["tile_compare"]["large"]["mean_dice"] == \
+        result["tile_compare"]["small"]["mean_dice"]

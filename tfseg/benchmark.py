@@ -116,6 +116,9 @@ class BenchmarkConfig:
         interleaved with the train step, and report their ratio.
       tile_compare_subjects: 3D: subjects predicted with the default large tiles and with
         32³ tiles at overlap 0.5 (Dice of each, their agreement); 0 skips it.
+      inference_run_dir: a finished run folder: inference and the tile comparison use its
+        trained predictor on its records' validation / test subjects (default: the
+        benchmark's own, barely trained, method on the benchmark's split).
       compare_precision: also build the method in the other precision (float32 <-> bf16) and
         time the main stage's step in both, in turns: `bf16_speedup`.
       peak_size: side of the square matmuls timed for the machine's float32 and bfloat16
@@ -154,6 +157,7 @@ class BenchmarkConfig:
     tile_compare_subjects: int = 2
     peak_size: int = 2048
     compare_precision: bool = False
+    inference_run_dir: str | None = None
 
     def __post_init__(self):
         hardware.check_mixed_precision(self.mixed_precision)
@@ -459,22 +463,33 @@ def measure_pipeline(dataset: tf.data.Dataset, examples_per_batch: int, num_batc
 # --------------------------------------------------------------------------- inference
 def _measure_inference(config: BenchmarkConfig, method, records_dir, manifest, split,
                        data_spec: DataSpec) -> dict[str, Any]:
-    patients = split.val or split.test or split.labeled
+    predictor, size_multiple = method.predictor, method.size_multiple
+    val, test = list(split.val), list(split.test)
+    if config.inference_run_dir:
+        # A trained run's predictor, records and held-back subjects: the Dice figures of the
+        # tile comparison then mean something (the benchmark's own weights are barely trained).
+        from tfseg.run import load_run
+
+        run = load_run(config.inference_run_dir)
+        predictor, size_multiple, data_spec = run.predictor, run.size_multiple, run.data_spec
+        records_dir, manifest = run.records_dir, run.manifest
+        val, test = list(run.split.get("val") or []), list(run.split.get("test") or [])
+    patients = val or test or list(split.labeled)
     subject_ids = pipeline.subject_ids_for(manifest, patients)
     image, _ = pipeline.load_subject(records_dir, subject_ids[0], manifest)
-    per_voxel = inference_lib.flops_per_voxel(method.predictor, data_spec)
+    per_voxel = inference_lib.flops_per_voxel(predictor, data_spec)
     result = inference_lib.measure_inference(
-        method.predictor, image, data_spec, method.size_multiple, tile_batch=config.tile_batch,
+        predictor, image, data_spec, size_multiple, tile_batch=config.tile_batch,
         overlap=config.overlap, repeats=config.inference_repeats, subject_id=subject_ids[0],
         per_voxel_flops=per_voxel)
-    result["inference_flops_per_voxel"] = per_voxel
+    result.update(inference_flops_per_voxel=per_voxel,
+                  inference_run_dir=config.inference_run_dir)
     if data_spec.spatial_dims == 3 and config.tile_compare_subjects:
         # Test subjects first: the comparison is about the answer on held-back data.
-        ordered = pipeline.subject_ids_for(manifest, [*split.test, *split.val])
+        ordered = pipeline.subject_ids_for(manifest, [*test, *val])
         result.update(inference_lib.compare_tiles(
-            method.predictor, records_dir, manifest, ordered[:config.tile_compare_subjects],
-            data_spec, method.size_multiple, tile_batch=config.tile_batch,
-            overlap=config.overlap))
+            predictor, records_dir, manifest, ordered[:config.tile_compare_subjects],
+            data_spec, size_multiple, tile_batch=config.tile_batch, overlap=config.overlap))
     return result
 
 
