@@ -109,8 +109,9 @@ PRESETS = {
     # The task-driven paper's baselines (2D: U-Net 16…256, weighted CE, Adam 1e-3, batch 20, 10k
     # steps; the rows by `--set=augment=`: none, affine (Aff), affine+elastic (RD),
     # affine+intensity (RI), affine+elastic+intensity (RD+RI), affine+mixup (Mixup)), batches
-    # half affine-only as the paper built them. Not run here at this size (CPU); the quick-budget
-    # figures over five labeled draws are in docs/results/task_aug.md (session 6).
+    # half affine-only as the paper built them. Not run here at this size (CPU); at half
+    # the quick preset's steps (400, docs/results/task_aug.md session 6) Aff was measured over
+    # five labeled draws, the half-batch RD+RI on one draw only.
     "paper": {"augment": "default", "augment_half": True},
 }
 
