@@ -26,7 +26,8 @@ flags.DEFINE_boolean("flip_tta", False, "Average the probabilities over in-plane
 flags.DEFINE_integer("tile_batch", 4, "Slices (2D) or sliding-window tiles (3D) per network "
                      "call.", **_F)
 flags.DEFINE_list("tile_size", None, "3D sliding-window tile D,H,W, multiples of the network's "
-                  "size multiple (default: the training patch grown within 128^3 voxels).", **_F)
+                  "size multiple (default: the training patch; larger tiles are faster but change the "
+                  "answer, docs/evaluation.md).", **_F)
 flags.DEFINE_float("overlap", 0.5, "3D sliding-window overlap in [0, 1).", **_F)
 flags.DEFINE_enum("domain", "source", ["source", "target"], "Which data domain of the run: "
                   "source (its labeled dataset) or target (its --target_dataset; reports go to "

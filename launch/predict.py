@@ -34,7 +34,7 @@ flags.DEFINE_string("dataset", None, "Dataset layout of a folder --input, e.g. f
 flags.DEFINE_integer("tile_batch", 4, "Slices (2D) or sliding-window tiles (3D) per call.", **_F)
 flags.DEFINE_boolean("flip_tta", False, "Average the probabilities over in-plane flips.", **_F)
 flags.DEFINE_list("tile_size", None, "3D sliding-window tile D,H,W (default: the export's "
-                  "tile_size_zyx, the training patch grown within 128^3 voxels).", **_F)
+                  "tile_size_zyx, the training patch; larger tiles are faster but change the answer).", **_F)
 flags.DEFINE_boolean("overlays", False, "Also write <subject>_overlay.png beside each "
                      "prediction: its contours on evenly spaced slices of the scan.", **_F)
 flags.DEFINE_integer("frame", None, "For 4D inputs (e.g. a cine series): segment this frame "

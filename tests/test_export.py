@@ -177,7 +177,7 @@ def test_export_run_writes_the_run_export_with_preprocessing_facts(tmp_path, cap
     assert assets["label_values"] == [0, 10, 150, 250]
     assert assets["class_names"] == ["background", "csf", "gm", "wm"]
     assert assets["size_multiple"] == 2 and assets["patch_size_zyx"] == [16, 16, 16]
-    assert assets["tile_size_zyx"] == [128, 128, 128]  # 16^3 grown 8x within 128^3 voxels
+    assert assets["tile_size_zyx"] == [16, 16, 16]  # the training patch (default_tile_size)
     assert assets["settings"]["n4"] is False and assets["settings"]["percentiles"] == [2.0, 98.0]
     assert assets["dataset_facts"]["modalities"] == ["T1", "T2"]
     assert assets["raw_to_class"] == [[0, 0], [10, 1], [150, 2], [250, 3]]

@@ -212,6 +212,13 @@ def test_tile_starts_cover_the_axis():
         assert max(np.diff(starts)) <= tile * (1 - overlap) + 1e-9
 
 
+def test_default_tile_is_the_training_patch_rounded_to_the_size_multiple():
+    from tfseg.inference import default_tile_size
+
+    assert default_tile_size((32, 32, 32)) == (32, 32, 32)
+    assert default_tile_size((20, 30, 32), size_multiple=16) == (32, 32, 32)
+
+
 def test_suggest_tile_size_grows_the_patch_within_the_budget():
     assert suggest_tile_size((32, 32, 32)) == (128, 128, 128)
     assert suggest_tile_size((64, 64, 64)) == (128, 128, 128)

@@ -170,9 +170,10 @@ class Validator:
         self.data_spec = data_spec
         self.names = tuple(data_spec.reported_names)
         self.size_multiple = size_multiple
-        # Fully convolutional networks: tiles twice the training patch cut the overlap overhead.
+        # 3D: tiles of the training patch, as evaluation (inference.default_tile_size): larger
+        # tiles are faster but score differently from what evaluation will report.
         self.tile = (None if data_spec.spatial_dims == 2
-                     else tuple(2 * int(p) for p in data_spec.example_shape))
+                     else tuple(int(p) for p in data_spec.example_shape))
         # The panel shows the first subject's slice with the most foreground.
         first_label = self.volumes[0][2]
         self.panel_slice = int(np.argmax((first_label > 0).reshape(len(first_label), -1).sum(1)))

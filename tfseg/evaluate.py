@@ -81,8 +81,9 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
       subject_ids: evaluate these manifest subject ids instead of the split's.
       tile_batch: slices (2D) or tiles (3D) per network call.
       tile_size_zyx: 3D sliding-window tile; any multiple of the network's size multiple works
-        (the networks are fully convolutional). Default: `inference.suggest_tile_size` of the
-        training patch (e.g. 128^3 for 32^3 patches), recorded in the summary.
+        (the networks are fully convolutional). Default: the training patch
+        (`inference.default_tile_size`; larger tiles are faster but change the answer),
+        recorded in the summary.
       overlap: sliding-window overlap (3D).
       domain: "source" (the labeled domain) or "target" (the run's second domain: its records
         and split).
@@ -100,7 +101,7 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
     """
     from preprocessing import restore_geometry  # lazy: TF and the methods load only here
     from tfseg.data.pipeline import load_subject, subject_ids_for
-    from tfseg.inference import predict_volume, suggest_tile_size
+    from tfseg.inference import default_tile_size, predict_volume
     from tfseg.report_html import write_run_report
     from tfseg.run import CONFIG_NAME, load_run
     from tfseg.visualize import OVERLAYS_DIR, evaluation_overlays
@@ -134,7 +135,7 @@ def evaluate_run(run_dir: str, split: str = "test", flip_tta: bool = False,
         raise ValueError(f"No labeled subject to evaluate in split {split!r} of {run_dir}.")
 
     tile = tuple(tile_size_zyx) if tile_size_zyx else (
-        suggest_tile_size(run.patch_size_zyx, run.size_multiple) if run.patch_size_zyx else None)
+        default_tile_size(run.patch_size_zyx, run.size_multiple) if run.patch_size_zyx else None)
 
     def predict(subject: EvalSubject) -> np.ndarray:
         image, _ = load_subject(records_dir, subject.subject_id, manifest)  # (Z, H, W, C)

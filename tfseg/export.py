@@ -45,7 +45,7 @@ import tensorflow as tf
 from tfseg import __version__
 from tfseg._files import make_temporary_dir, remove_stale_temporary_dirs
 from tfseg.data.spec import REGION_THRESHOLD, DataSpec
-from tfseg.inference import dynamic_shape_model, suggest_tile_size
+from tfseg.inference import default_tile_size, dynamic_shape_model
 from tfseg.run import RunInfo, load_run
 
 __all__ = ["export_run", "export_predictor", "preprocessing_assets", "PREPROCESSING_ASSET"]
@@ -62,7 +62,7 @@ def preprocessing_assets(run: RunInfo) -> dict[str, Any]:
     The resolved preprocessing settings (N4, percentiles, clip, target spacing, crop, patch),
     the dataset facts that steer preprocessing (modalities, intensity window, orientation
     reliability, label map...), class names and label values, the network's size multiple, the
-    training patch and the default sliding-window tile (`inference.suggest_tile_size`).
+    training patch and the default sliding-window tile (`inference.default_tile_size`).
     """
     manifest, config = run.manifest, run.config
     facts = _dataset_facts(config, manifest)
@@ -81,7 +81,7 @@ def preprocessing_assets(run: RunInfo) -> dict[str, Any]:
         "intensity_window": facts.get("intensity_window"),
         "size_multiple": run.size_multiple,
         "patch_size_zyx": list(run.patch_size_zyx) if run.patch_size_zyx else None,
-        "tile_size_zyx": (list(suggest_tile_size(run.patch_size_zyx, run.size_multiple))
+        "tile_size_zyx": (list(default_tile_size(run.patch_size_zyx, run.size_multiple))
                           if run.patch_size_zyx else None),
         "overlap": 0.5, "fingerprint": manifest.get("fingerprint"),
     }
