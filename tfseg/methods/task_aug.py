@@ -152,11 +152,11 @@ MIN_EXAMPLE_SIZE = 32
 PRESETS = {
     # `python -m launch.train --method=task_aug --dataset=synthetic_cardiac --preset=quick`:
     # not rerun at its own steps in session 6 (CPU). Measured: this structure at half its steps
-    # (100 / 200 / 200 / 400, session-6 study) took 10–12 min per run on 2 cores shared with
-    # three other engineers (load ~15), test mean Dice RESULT over five labeled draws (fixed
-    # test set); the earlier quick preset (4-level U-Net, GAN Adam 1e-3 / β1 0.5) scored
-    # 0.568 ± 0.097 per run (0.430–0.681) over seven draws, 7–9 min per run on 2 idle cores
-    # (session 5). One run's figure says little on its own (docs/results/task_aug.md).
+    # (100 / 200 / 200 / 400, session-6 study) took 9–12 min per run on 2 cores shared with
+    # three other engineers (load ~15), test mean Dice 0.565 ± 0.206 per run (0.166–0.726)
+    # over five labeled draws (fixed test set; half-batch RD+RI 0.571 ± 0.261, Aff 0.467).
+    # The earlier quick preset (4-level U-Net, GAN Adam 1e-3 / β1 0.5) scored 0.568 ± 0.097
+    # per run (0.430–0.681) over seven draws, 7–9 min per run on 2 idle cores (session 5). One run's figure says little on its own (docs/results/task_aug.md).
     # The paper's structure at a smaller size: 5-level U-Net (8…128 instead of 16…256), the
     # generators' five up-sampling convs and the discriminators' five convs narrower, batch 8
     # labeled + 8 unlabeled (paper 20 + 20), stages 200 / 300 / 300 / 800 steps (Config():
