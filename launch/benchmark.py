@@ -76,8 +76,9 @@ flags.DEFINE_integer("n4_iterations", None, "N4 iterations per level of the timi
 flags.DEFINE_boolean("overhead", True, "Also time the networks' own forward and backward "
                      "passes (the reference step) in turns with the train step; report the "
                      "ratio.", **_F)
-flags.DEFINE_integer("tile_compare_subjects", 2, "3D: subjects predicted with the default large "
-                     "tiles and with 32^3 tiles at overlap 0.5 (Dice of each); 0 skips.", **_F)
+flags.DEFINE_integer("tile_compare_subjects", 2, "3D: subjects predicted with large tiles "
+                     "(the training patch grown within 128^3) and with 32^3 tiles at overlap "
+                     "0.5 (Dice of each); 0 skips.", **_F)
 flags.DEFINE_integer("peak_size", 2048, "Side of the square matmuls timed for the machine's "
                      "float32 / bfloat16 peak; 0 skips the peak.", **_F)
 flags.DEFINE_boolean("compare_precision", False, "Also time the main stage's step in the other "

@@ -154,9 +154,9 @@ def test_3d_synthetic_brain(tmp_path, capsys):
     assert list(result["stages"]) == ["train"] and result["main_stage"] == "train"
     assert result["spatial_dims"] == 3 and result["input_shape"] == [32, 32, 32, 2]
     assert result["method_config"]["norm"] == "weight"  # the few-shot GAN paper's U-Net
-    # One tile covering the whole 64×80×64 volume (the 128³ default shrunk to it).
+    # Evaluation's default tile: the 32³ training patch.
     assert result["inference_volume_shape"] == [64, 80, 64, 2]
-    assert result["inference_tile_zyx"] == [64, 80, 64]
+    assert result["inference_tile_zyx"] == [32, 32, 32]
     # Large tiles against 32³ tiles at overlap 0.5 on the same (test) subjects.
     assert result["tile_compare_subjects"] == 2
     large, small = result["tile_compare"]["large"], result["tile_compare"]["small"]

@@ -24,7 +24,7 @@ it, and returns one JSON-able dict (docs/performance.md):
    `stages` holds every stage's figures and `main_stage` names the one reported;
 5. inference: whole-volume prediction of one validation (else test) subject with
    `tfseg.inference.predict_volume`, as `tfseg.evaluate` calls it (2D: slice batches; 3D: the
-   sliding window with `suggest_tile_size` of the training patch, Gaussian blending); one warm-up
+   sliding window with `default_tile_size`, the training patch, Gaussian blending); one warm-up
    call (tracing), then the median of `inference_repeats` timed calls;
 6. preprocessing: `n4_subjects` subjects read from the raw data and preprocessed by
    `preprocessing.runner.process_subject` into a temporary folder, with and without N4 (SimpleITK
@@ -114,7 +114,7 @@ class BenchmarkConfig:
         (None: the preprocessing defaults, 4 levels × 50 iterations).
       overhead: also time the reference step of the networks' own work (`tfseg.overhead`)
         interleaved with the train step, and report their ratio.
-      tile_compare_subjects: 3D: subjects predicted with the default large tiles and with
+      tile_compare_subjects: 3D: subjects predicted with large tiles (`suggest_tile_size`) and with
         32³ tiles at overlap 0.5 (Dice of each, their agreement); 0 skips it.
       inference_run_dir: a finished run folder: inference and the tile comparison use its
         trained predictor on its records' validation / test subjects (default: the

@@ -1,6 +1,6 @@
-"""The inference part of `tfseg.benchmark`: whole-volume prediction time and FLOP/s, and for 3D
-data the default large tiles against small overlapping tiles on the same subjects (Dice of
-each against the ground truth, and the agreement of the two predictions).
+"""The inference part of `tfseg.benchmark`: whole-volume prediction time and FLOP/s (as
+evaluation runs it), and for 3D data large tiles against small overlapping tiles on the same
+subjects (Dice of each against the ground truth, and the agreement of the two predictions).
 
 Inference FLOPs: the predictor's forward FLOPs per input voxel (`tfseg.flops`, counted on one
 training-shaped example; the networks are fully convolutional, so the count is proportional to
@@ -20,7 +20,7 @@ import numpy as np
 
 from tfseg import flops as flops_lib
 from tfseg.data import pipeline
-from tfseg.inference import predict_volume, suggest_tile_size, tile_starts
+from tfseg.inference import default_tile_size, predict_volume, suggest_tile_size, tile_starts
 from tfseg.metrics.volume import dice
 
 __all__ = ["measure_inference", "compare_tiles", "inference_voxels", "effective_tile",
@@ -79,10 +79,11 @@ def _timed(function, repeats: int) -> tuple[Any, float, list[float], list[float]
 def measure_inference(predictor, image: np.ndarray, data_spec, size_multiple: int, *,
                       tile_batch: int, overlap: float, repeats: int, subject_id: str,
                       per_voxel_flops: float) -> dict[str, Any]:
-    """Whole-volume prediction of one subject as `tfseg.evaluate` runs it (default tiles)."""
+    """Whole-volume prediction of one subject as `tfseg.evaluate` runs it (default tile: the
+    training patch)."""
     tile = None
     if data_spec.spatial_dims == 3:
-        tile = suggest_tile_size(data_spec.example_shape, size_multiple)
+        tile = default_tile_size(data_spec.example_shape, size_multiple)
 
     def predict():
         return predict_volume(predictor, image, data_spec.spatial_dims, outputs="probabilities",
@@ -122,7 +123,8 @@ def _truth_masks(label: np.ndarray, data_spec) -> np.ndarray:
 
 def compare_tiles(predictor, records_dir: str, manifest, subject_ids: Sequence[str], data_spec,
                   size_multiple: int, *, tile_batch: int, overlap: float) -> dict[str, Any]:
-    """3D: default large tiles vs `SMALL_TILE` tiles with `SMALL_OVERLAP` on the same subjects.
+    """3D: large tiles (`suggest_tile_size`, the fast opt-in `--tile_size`; the default before
+    issue 20) vs `SMALL_TILE` tiles with `SMALL_OVERLAP` on the same subjects.
 
     Returns:
       {"tile_compare_subjects", "tile_compare": {"large": {...}, "small": {...}},
