@@ -90,7 +90,7 @@ class Config(cyclegan.TranslationConfig, supervised.Config):
 PRESETS = {
     # `python -m launch.train --method=mixmatch --adapt=cyclegan --dataset=synthetic_tumor --dataset_option=target=binary --target_dataset=synthetic_tumor --target_option=domain=target --target_option=target=binary --labeled=4 --preset=paper`: not run (40k CycleGAN + 10k MixMatch steps at full size: far beyond 2 cores today).
     "paper": {},
-    # same with `--preset=quick --steps=300 --set=loss=weighted_ce --set=augment=flip+intensity --non4`: 5-10 min on 2 busy cores, target Dice 0.239 ± 0.171 over 3 draws (--adapt=none 0.307 ± 0.216; source-only 0.457 ± 0.087); with --labeled=8: 0.228 ± 0.163 (none 0.468 ± 0.106, source-only 0.474 ± 0.122), docs/results/mixmatch.md. A seed reproduces a run exactly only on the same hardware and thread count.
+    # same with `--preset=quick --steps=300 --set=loss=weighted_ce --set=augment=flip+intensity --non4`: 5-10 min on 2 busy cores, target Dice 0.239 ± 0.171 over 3 draws (--adapt=none 0.307 ± 0.216; source-only 0.457 ± 0.087); with --labeled=8: 0.228 ± 0.163 (none 0.468 ± 0.106, source-only 0.474 ± 0.122); --labeled=2: 0.201 ± 0.157 (none 0.531 ± 0.094, source-only 0.570 ± 0.137), docs/results/mixmatch.md. A seed reproduces a run exactly only on the same hardware and thread count.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 4,
               "steps": 300, "validation_every": 100, "generator_filters": 16,
               "discriminator_filters": 16, "residual_blocks": 3, "gan_batch_size": 4,
