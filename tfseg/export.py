@@ -144,9 +144,7 @@ def export_run(run_dir: str, version: int = 1, overwrite: bool = True) -> str:
       ValueError: for a bad run folder (see `load_run`), a bad version, or an existing export
         without `overwrite`.
     """
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer (TF Serving loads numeric "
-                         f"folders), got {version!r}.")
+    check_version(version)
     run = load_run(run_dir)
     name = f"{run.config.get('dataset', run.manifest.get('dataset'))}_{run.config['method']}"
     export_dir = os.path.join(run_dir, "export", name, str(version))
@@ -222,18 +220,9 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
             ]
         with tf.control_dependencies(checks):
             image = tf.ensure_shape(image, signature.shape)
-        shape = tf.shape(image)
-        spatial_axes = list(range(1, spatial_dims + 1))
-        background = tf.reduce_min(image, axis=spatial_axes, keepdims=True)  # (B, 1.., C)
-        padded = image
-        for axis in spatial_axes:
-            # Pad with the background level rather than 0; concat keeps the values exact.
-            amount = (-shape[axis]) % size_multiple
-            pad_shape = tf.tensor_scatter_nd_update(tf.shape(padded), [[axis]], [amount])
-            padded = tf.concat([padded, tf.broadcast_to(background, pad_shape)], axis)
-        outputs = tf.cast(network(padded, training=False), tf.float32)
-        crop = tf.concat([shape[:-1], [-1]], 0)
-        probabilities = tf.slice(outputs, tf.zeros_like(crop), crop)
+        outputs = tf.cast(network(pad_to_multiple(image, spatial_dims, size_multiple),
+                                  training=False), tf.float32)
+        probabilities = crop_like(outputs, image)
         probabilities.set_shape(image.shape[:-1] + outputs.shape[-1:])  # K|R stays static
         if paint:  # regions: painted in order, outermost first (tfseg.data.spec)
             labels = tf.zeros(tf.shape(probabilities)[:-1], tf.int32)
@@ -245,6 +234,33 @@ def export_predictor(predictor: keras.Model, export_dir: str, preprocessing: Map
                 "label_map": tf.gather(value_table, labels)}
 
     return write_saved_model(export_dir, network, serve, signature, preprocessing)
+
+
+def check_version(version) -> None:
+    """Raises ValueError unless `version` is a positive int (TF Serving's numeric folders)."""
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be a positive integer (TF Serving loads numeric "
+                         f"folders), got {version!r}.")
+
+
+def pad_to_multiple(image, spatial_dims: int, size_multiple: int):
+    """Pads the spatial axes of (B, *S, C) at their end to multiples of `size_multiple` with each
+    example's per-channel minimum (the background level; concat keeps the values exact)."""
+    shape = tf.shape(image)
+    spatial_axes = list(range(1, spatial_dims + 1))
+    background = tf.reduce_min(image, axis=spatial_axes, keepdims=True)  # (B, 1.., C)
+    padded = image
+    for axis in spatial_axes:
+        amount = (-shape[axis]) % size_multiple
+        pad_shape = tf.tensor_scatter_nd_update(tf.shape(padded), [[axis]], [amount])
+        padded = tf.concat([padded, tf.broadcast_to(background, pad_shape)], axis)
+    return padded
+
+
+def crop_like(outputs, image):
+    """`outputs` (B, *S', K) cropped back to the spatial size of `image` (B, *S, C)."""
+    crop = tf.concat([tf.shape(image)[:-1], [-1]], 0)
+    return tf.slice(outputs, tf.zeros_like(crop), crop)
 
 
 def write_saved_model(export_dir: str, network, serve, signature, assets: Mapping[str, Any]

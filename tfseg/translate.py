@@ -159,13 +159,9 @@ def export_translator(run_dir: str, direction: str = "target_to_source", version
     """
     import tensorflow as tf
 
-    from tfseg.export import write_saved_model
+    from tfseg.export import check_version, crop_like, pad_to_multiple, write_saved_model
 
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer (TF Serving loads numeric "
-                         f"folders), got {version!r}.")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}; choose one of {list(DIRECTIONS)}.")
+    check_version(version)
     translate, assets, _, _ = _run_translator(run_dir, direction)
     method, generator = translate.method, translate.generator
     channels = int(method.data_spec.num_channels)
@@ -188,17 +184,10 @@ def export_translator(run_dir: str, direction: str = "target_to_source", version
                                                                 "values; fix the scan first")]
         with tf.control_dependencies(checks):
             image = tf.identity(image)
-        shape = tf.shape(image)
-        padded = image
-        for axis in (1, 2):  # pad with the background level, crop back after
-            amount = (-shape[axis]) % SIZE_MULTIPLE
-            pad_shape = tf.tensor_scatter_nd_update(tf.shape(padded), [[axis]], [amount])
-            background = tf.reduce_min(image, axis=[1, 2], keepdims=True)
-            padded = tf.concat([padded, tf.broadcast_to(background, pad_shape)], axis)
+        padded = pad_to_multiple(image, 2, SIZE_MULTIPLE)
         translated = method.from_gan_range(
             generator(method.to_gan_range(padded), training=False))
-        return {"translation": tf.slice(translated, [0, 0, 0, 0],
-                                        tf.concat([shape[:-1], [-1]], 0))}
+        return {"translation": crop_like(translated, image)}
 
     return write_saved_model(export_dir, generator, serve, signature,
                              dict(assets, kind=TRANSLATOR_KIND))
