@@ -422,3 +422,100 @@ def test_inference_run_dir_uses_the_runs_predictor_and_test_subjects(tmp_path, m
     assert result["tile_compare_voxel_agreement"] == 1.0
     assert result["tile_compare"]["large"]["mean_dice"] == \
         result["tile_compare"]["small"]["mean_dice"]
+
+
+def _stage_cases():
+    from test_methods import _method_cases
+    return list(_method_cases())
+
+
+@pytest.mark.parametrize("name, spatial_dims", _stage_cases())
+def test_the_reference_step_does_the_convolution_work_of_every_methods_step(name, spatial_dims):
+    """For every method and stage (quick preset, tiny shapes), the reference built from the
+    traced step asks for the same gradients and does exactly the same convolution and matmul
+    work as the step itself (FLOPs counted in both traced graphs: the same forward calls and,
+    per gradient, the same backward passes), so `overhead_ratio` measures only what the step
+    does besides its networks' passes. Nothing runs: both are traced."""
+    import tensorflow as tf
+    from tfseg import flops as flops_lib
+    from tfseg import overhead
+    from tfseg.methods import get_method_module, resolve_config
+    from test_methods import _fake_batches, _spec
+
+    module = get_method_module(name)
+    spec = _spec(spatial_dims, num_channels=2 if spatial_dims == 3 else 1,
+                 size=max(16, getattr(module, "MIN_EXAMPLE_SIZE", 16)))
+    method = module.build(resolve_config(module, "quick"), spec)
+    method.compile()
+    batch = next(iter(_fake_batches(spec, method.labeled_batch_size,
+                                    method.unlabeled_batch_size)))
+    for stage in method.stages():
+        method.begin_stage(stage)
+        trace = overhead.record_step(method, batch)
+        assert trace.calls and trace.gradients, stage.name
+        assert all(g.calls for g in trace.gradients), stage.name
+        reference = overhead.reference_step(method, trace, None, batch)
+        step_flops = flops_lib.count_graph_flops(trace.concrete.graph)
+        reference_flops = flops_lib.count_graph_flops(
+            reference.get_concrete_function().graph)
+        assert step_flops["unknown"] == 0, stage.name
+        assert reference_flops["by_op"] == step_flops["by_op"], stage.name
+    assert tf.GradientTape.gradient.__name__ == "gradient"  # the recorder is removed
+
+
+def test_the_reference_follows_the_data_flow_between_networks():
+    """A generator feeding a segmentor and a critic, three optimizers: the trace links the
+    calls, each gradient names the calls its loss depends on (a stop_gradient cuts the link),
+    and the reference back-propagates each loss exactly as far as the step does."""
+    import keras
+    import tensorflow as tf
+    from tfseg import flops as flops_lib
+    from tfseg import overhead
+
+    def dense(name, units, inputs):
+        x = keras.Input((inputs,))
+        return keras.Model(x, keras.layers.Dense(units)(x), name=name)
+
+    class Toy(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.gen, self.seg, self.critic = dense("gen", 6, 6), dense("seg", 3, 6), \
+                dense("critic", 1, 6)
+            self.segmentor = self.seg
+            self.opts = [keras.optimizers.SGD(0.1) for _ in range(3)]
+            for opt, net in zip(self.opts, (self.seg, self.critic, self.gen)):
+                opt.build(net.trainable_variables)
+
+        def train_step(self, data):
+            x = data["x"]
+            with tf.GradientTape(persistent=True) as tape:
+                fake = self.gen(x, training=True)
+                seg_loss = tf.reduce_mean(self.seg(fake, training=True) ** 2)
+                critic_loss = tf.reduce_mean(self.critic(tf.stop_gradient(fake), training=True))
+                gen_loss = seg_loss + tf.reduce_mean(self.critic(fake, training=True))
+            for opt, net, loss in zip(self.opts, (self.seg, self.critic, self.gen),
+                                      (seg_loss, critic_loss, gen_loss)):
+                grads = tape.gradient(loss, net.trainable_variables)
+                opt.apply_gradients(zip(grads, net.trainable_variables))
+            return {"loss": seg_loss}
+
+    toy = Toy()
+    batch = {"x": tf.ones((5, 6))}
+    trace = overhead.record_step(toy, batch)
+    assert [(c.network.name, c.inputs_from) for c in trace.calls] == [
+        ("gen", []), ("seg", [0]), ("critic", []), ("critic", [0])]
+    assert [g.calls for g in trace.gradients] == [[0, 1], [2], [0, 1, 3]]
+    assert [len(g.variables) for g in trace.gradients] == [2, 2, 2]
+    reference = overhead.reference_step(toy, trace, None, batch)
+    step_flops = flops_lib.count_graph_flops(trace.concrete.graph)["by_op"]
+    assert flops_lib.count_graph_flops(reference.get_concrete_function().graph)["by_op"] == \
+        step_flops
+    # The coarser reference (every call, one loss, one backward pass) does less: it never
+    # back-propagates the generator's loss through the segmentor and the critic.
+    coarse = overhead.reference_step(toy, trace.calls, None, batch)
+    assert flops_lib.count_graph_flops(coarse.get_concrete_function().graph)["by_op"][
+        "MatMul"] < step_flops["MatMul"]
+    before = [w.numpy().copy() for w in toy.gen.trainable_weights]
+    reference()
+    assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before,
+                                                                toy.gen.trainable_weights))

@@ -404,7 +404,8 @@ def _measure_stage(config: BenchmarkConfig, method, records_dir, split, index: i
     train_function = method.train_function
     iterator = iter(pipeline.training_dataset(records_dir, split, pipeline_config(method, seed)))
     batch = next(iterator)
-    calls, concrete = overhead.record_network_calls(method, batch)
+    trace = overhead.record_step(method, batch)
+    calls, concrete = trace.calls, trace.concrete
     forward = sum(flops_lib.forward_flops(c.network, c.input_shapes[0], bool(c.training))
                   for c in calls if len(c.input_shapes) == 1)
     constant = iter(tf.data.Dataset.from_tensors(batch).repeat())
@@ -415,7 +416,7 @@ def _measure_stage(config: BenchmarkConfig, method, records_dir, split, index: i
                  "step_constant_input": lambda: train_function(constant)}
     if config.overhead:
         weights = getattr(method.config, "class_weights", None)
-        functions["reference"] = overhead.reference_step(method, calls, weights, batch)
+        functions["reference"] = overhead.reference_step(method, trace, weights, batch)
     timed = overhead.time_interleaved(functions, config.steps, max(config.warmup - 1, 1))
     del iterator, constant
     median = timed["step"]["median_s"]
@@ -427,11 +428,14 @@ def _measure_stage(config: BenchmarkConfig, method, records_dir, split, index: i
                "network_calls": [c.to_dict() for c in calls],
                "forward_flops": forward, "train_step_flops": 3 * forward,
                "train_step_graph_flops": flops_lib.count_graph_flops(concrete.graph)["flops"],
+               "gradient_requests": [g.to_dict() for g in trace.gradients],
                "train_flops_per_s": 3 * forward / median}
     if config.overhead:
         reference = timed["reference"]["median_s"]
         figures.update(
             reference_step_s_median=reference,
+            reference_step_graph_flops=flops_lib.count_graph_flops(
+                functions["reference"].get_concrete_function().graph)["flops"],
             overhead_ratio=median / reference,
             overhead_ratio_constant_input=timed["step_constant_input"]["median_s"] / reference,
             overhead_ratio_min=timed["step"]["min_s"] / timed["reference"]["min_s"],
