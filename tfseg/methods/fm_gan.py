@@ -165,7 +165,7 @@ PRESETS = {
     # feature's elements); not run at full size.
     "reference": {"unlabeled_weight": 0.5, "fake_weight": 0.5, "class_weighting": "reference",
                   "feature_norm": "l1", "feature_reduction": "mean"},
-    # `python -m launch.train --method=fm_gan --dataset=synthetic_brain --preset=quick --labeled=1 --num_val=1 --num_test=4`: 3.2–7.4 min per run on 2 shared cores (load 10–16); test mean Dice 0.343 ± 0.058 over 5 labeled draws on one fixed test set (`launch.study --fixed_test`; U-Net 0.417 ± 0.096 at the same budget; normal GAN 0.344 ± 0.054, bad GAN 0.342 ± 0.052; docs/results/fm_gan.md). The paper's settings and depth at ¼ widths, batches of 4 + 4 + 4 instead of 30 + 30 + 30 (equal thirds kept), 100 steps. A seed repeats a run exactly only on the same hardware and thread count.
+    # `python -m launch.train --method=fm_gan --dataset=synthetic_brain --preset=quick --labeled=1 --num_val=1 --num_test=4`: 3.2–7.4 min per run on 2 shared cores (load 10–16); test mean Dice 0.397 ± 0.011 per run over 5 labeled draws on one fixed test set, scored with the default 32³ tile (`launch.study --fixed_test`; U-Net 0.482 ± 0.102 at the same budget; normal GAN 0.378, bad GAN 0.394; docs/results/fm_gan.md). The paper's settings and depth at ¼ widths, batches of 4 + 4 + 4 instead of 30 + 30 + 30 (equal thirds kept), 100 steps. A seed repeats a run exactly only on the same hardware and thread count.
     "quick": {"filters": (8, 16, 32, 64), "generator_filters": (64, 32, 16, 8),
               "encoder_filters": (16, 32, 64), "batch_size": 4, "unlabeled_batch_size": 4,
               "steps": 100, "validation_every": 50},
