@@ -253,6 +253,15 @@ def test_supervised_defaults_follow_the_dimensionality():
     # Explicit settings win over the dimensionality defaults.
     mine = supervised.resolve(supervised.Config(norm="instance", learning_rate=5e-4), brain)
     assert (mine.norm, mine.learning_rate) == ("instance", 5e-4)
+    # The paper preset's loss follows the paper of the dimensionality: the task-driven paper's
+    # weighted CE in 2D, the few-shot GAN paper's plain CE (no class weights) in 3D.
+    paper = base.apply_overrides(supervised.Config(), supervised.PRESETS["paper"], [])
+    paper_2d = supervised.resolve(paper, _spec(2, num_classes=4))
+    assert paper_2d.loss == "weighted_ce" and paper_2d.class_weights == pytest.approx(
+        (0.1, 0.3, 0.3, 0.3))
+    paper_3d = supervised.resolve(paper, brain)
+    assert (paper_3d.loss, paper_3d.class_weights, paper_3d.augment, paper_3d.batch_size) == (
+        "ce", None, "none", 30)
 
 
 def test_supervised_rejects_bad_settings():
