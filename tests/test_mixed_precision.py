@@ -2,6 +2,7 @@
 policy it sets, config.json of a training run, and the study's per-arm precision."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -136,6 +137,7 @@ def test_a_study_varies_the_precision_per_arm(tmp_path):
     # absl keeps the last value: the arm's own setting wins over the study-wide one.
     flags = [a for a in argv if a.startswith("--mixed_precision=")]
     assert flags == ["--mixed_precision=none", "--mixed_precision=bf16"]
+
     from launch import train as train_cli
     train_cli.FLAGS.unparse_flags()
     train_cli.FLAGS(["launch.train", *flags])
@@ -149,6 +151,24 @@ def test_a_study_varies_the_precision_per_arm(tmp_path):
                             repeats=1, out_dir=str(tmp_path / "s"),
                             overrides=("supervised:mixed_precision=fp16",))
     with pytest.raises(ValueError, match=re.escape("--set=mixed_precision='fp16'")):
+        study.check_config(bad)
+
+def test_a_study_arm_can_train_with_another_seed(tmp_path):
+    """`--set=ARM:seed_offset=K`: the same draw and split (--split_seed), training seed + K."""
+    from tfseg import study
+
+    config = study.StudyConfig(dataset="synthetic_cardiac", methods=(
+        "fp32=supervised", "fp32s=supervised"), labeled=(1,), repeats=1,
+        out_dir=str(tmp_path / "s"), overrides=("fp32s:seed_offset=1000",), baseline="fp32")
+    per_arm = study.check_config(config)
+    specs = {s.method: s for s in study.plan_runs(config, per_arm)}
+    plain, shifted = specs["fp32"].train_argv(config), specs["fp32s"].train_argv(config)
+    seed = specs["fp32"].seed
+    assert f"--seed={seed}" in plain and f"--split_seed={seed}" in plain
+    assert f"--seed={seed + 1000}" in shifted and f"--split_seed={seed}" in shifted
+    assert not any("seed_offset" in a for a in shifted)
+    bad = dataclasses.replace(config, overrides=("fp32s:seed_offset=one",))
+    with pytest.raises(ValueError, match="seed_offset='one': an integer"):
         study.check_config(bad)
 
 

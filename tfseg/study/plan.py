@@ -18,7 +18,10 @@ MAX_SEED_TRIES = 1000
 # `--set` names that are launch.train flags, not method settings: `--set=mixed_precision=bf16`
 # (every arm) or `--set=ARM:mixed_precision=bf16` runs launch.train --mixed_precision=bf16, so a
 # study can compare precisions arm by arm (e.g. fp32=supervised,bf16=supervised).
-TRAIN_SETTINGS = ("mixed_precision",)
+# `--set=ARM:seed_offset=K` trains the arm with launch.train --seed=<the repeat's seed + K>: the
+# same labeled draw, split and test set, other initial weights and batches (an arm that measures
+# how far a method moves with its training seed alone, the yardstick of a precision study).
+TRAIN_SETTINGS = ("mixed_precision", "seed_offset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +207,12 @@ class RunSpec:
         if config.fixed_test:
             argv.append(f"--test_seed={config.test_seed}")
         argv += target_flags(config)
+        offsets = [int(item.partition("=")[2]) for item in self.overrides
+                   if item.partition("=")[0].strip() == "seed_offset"]
+        if offsets:  # the last one wins, as for absl flags
+            argv[argv.index(f"--seed={self.seed}")] = f"--seed={self.seed + offsets[-1]}"
         argv += [f"--{item}" if is_train_setting(item) else f"--set={item}"
-                 for item in self.overrides]
+                 for item in self.overrides if item.partition("=")[0].strip() != "seed_offset"]
         return argv
 
 
@@ -333,7 +340,16 @@ def check_config(config: StudyConfig) -> dict[str, tuple[str, ...]]:
     for label, method in config.arms.items():
         try:
             for item in filter(is_train_setting, per_method[label]):
-                check_mixed_precision(item.partition("=")[2].strip(), "--set=mixed_precision")
+                name, _, value = item.partition("=")
+                if name.strip() == "seed_offset":
+                    try:
+                        int(value)
+                    except ValueError:
+                        raise ValueError(f"--set=seed_offset={value.strip()!r}: an integer "
+                                         "(added to each repeat's training seed), e.g. "
+                                         "--set=ARM:seed_offset=1000.") from None
+                else:
+                    check_mixed_precision(value.strip(), "--set=mixed_precision")
             resolve_config(get_method_module(method), config.preset,
                            [o for o in per_method[label] if not is_train_setting(o)])
         except ValueError as error:
