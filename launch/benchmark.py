@@ -53,9 +53,9 @@ flags.DEFINE_integer("steps", 20, "Timed train steps per stage.", **_F)
 flags.DEFINE_integer("warmup", 3, "Untimed train steps before timing (the first traces).", **_F)
 flags.DEFINE_integer("pipeline_batches", 50, "Timed batches of the pipeline alone.", **_F)
 flags.DEFINE_integer("pipeline_warmup", 10, "Untimed pipeline batches (cache, autotuning).", **_F)
-flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "bf16"],
-                  "bf16: mixed_bfloat16 compute; auto: bf16 where the hardware runs it "
-                  "natively, else none (the result records both).", **_F)
+flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bf16"],
+                  "auto (default): bf16 where the hardware runs it natively, else none "
+                  "(float32); bf16: mixed_bfloat16 compute (the result records both).", **_F)
 flags.DEFINE_integer("seed", 0, "Weights, pipeline and augmentation seed.", **_F)
 flags.DEFINE_integer("tile_batch", 4, "Inference: slices (2D) or tiles (3D) per network call.",
                      **_F)

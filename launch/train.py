@@ -57,10 +57,11 @@ flags.DEFINE_multi_string("set", [], "Override a method setting: --set=name=valu
                           **_F)
 flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
                   "Distribution strategy (multi_worker reads TF_CONFIG).", **_F)
-flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "bf16"],
-                  "bf16: mixed_bfloat16 compute (float32 variables and losses); auto: bf16 "
-                  "where the hardware runs it natively (CPU avx512_bf16/amx_bf16, GPU compute "
-                  "capability >= 8.0), else none. config.json records both.", **_F)
+flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bf16"],
+                  "auto (default): bf16 where the hardware runs it natively (CPU "
+                  "avx512_bf16/amx_bf16, GPU compute capability >= 8.0), else none (float32); "
+                  "bf16: mixed_bfloat16 compute (float32 variables and losses). config.json "
+                  "records both.", **_F)
 flags.DEFINE_string("phase", None, "Cardiac phase for ACDC-style datasets: ES, ED or both.", **_F)
 flags.DEFINE_multi_string("dataset_option", [], "Dataset option: --dataset_option=name=value "
                           "(repeatable), e.g. target=binary or modalities=t1ce,t2,flair for "

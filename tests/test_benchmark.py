@@ -72,7 +72,10 @@ def _check_common(result):
     assert result["params_per_network"] == {"segmentor": result["params"]}
     assert result["labeled_batch_size"] == result["examples_per_step"]
     assert result["unlabeled_batch_size"] == 0  # supervised: no unlabeled stream is consumed
-    assert result["num_replicas"] == 1 and result["mixed_precision"] == "none"
+    # The default precision is auto: bf16 where the CPU has native bf16, float32 elsewhere.
+    from tfseg import hardware
+    assert result["num_replicas"] == 1 and result["mixed_precision_requested"] == "auto"
+    assert result["mixed_precision"] == hardware.resolve_mixed_precision("auto").resolved
     assert re.fullmatch(r"2\.\d+\.\d+", result["tensorflow_version"])
     assert re.fullmatch(r"3\.\d+\.\d+", result["keras_version"])
     assert result["cpu_count"] >= 1

@@ -143,7 +143,7 @@ class BenchmarkConfig:
     warmup: int = 3
     pipeline_batches: int = 50
     pipeline_warmup: int = 10
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     seed: int = 0
     tile_batch: int = 4
     overlap: float = 0.5

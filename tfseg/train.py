@@ -72,9 +72,10 @@ class TrainConfig:
       steps / validation_every: None = the method's defaults.
       seed: training seed (weights, pipeline, augmentation); None = split_seed.
       distribute: "none" | "mirrored" | "multi_worker".
-      mixed_precision: "none" | "bf16" (mixed_bfloat16 compute, float32 variables and losses)
-        | "auto" (bf16 where the hardware runs it natively, `tfseg.hardware`); config.json
-        records the request and the resolved value ("mixed_precision").
+      mixed_precision: "auto" (the default: bf16 where the hardware runs it natively, float32
+        elsewhere, `tfseg.hardware`) | "none" (float32) | "bf16" (mixed_bfloat16 compute,
+        float32 variables and losses); config.json records the request and the resolved value
+        ("mixed_precision").
       deterministic: TensorFlow op determinism (`tf.config.experimental.
         enable_op_determinism`, for the rest of the process): the same command and seed on the
         same machine then give the same weights and test metrics. Off by default because it
@@ -117,7 +118,7 @@ class TrainConfig:
     validation_every: int | None = None
     seed: int | None = None
     distribute: str = "none"
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     deterministic: bool = False
     preset: str | None = None
     overrides: tuple[str, ...] = ()
