@@ -64,10 +64,11 @@ class Config(supervised.Config):
 PRESETS = {
     # `python -m launch.train --method=adv_train --dataset=synthetic_cardiac --preset=quick`:
     # the supervised quick preset's budget (800 steps, batch 8) plus 8 unlabeled slices a step,
-    # three segmentor passes per step (clean, power iteration, adversarial). Not yet measured
-    # over labeled draws: its row was dropped from session 6's study for compute
-    # (docs/results/task_aug.md); tests/test_adv_train.py runs it end to end on tiny data. A
-    # seed reproduces a run exactly only on the same hardware and thread count.
+    # three segmentor passes per step (clean, power iteration, adversarial). At half these steps
+    # (400, U-Net 8…128, five labeled draws on one fixed test set, float32; docs/results/
+    # task_aug.md session 7): test mean Dice 0.246 ± 0.223 per run (0.04–0.61), below affine-only
+    # supervised (0.467) at that budget; 254–401 s per run on 2 shared cores. A seed reproduces
+    # a run exactly only on the same hardware and thread count.
     "quick": {"filters": (8, 16, 32, 64), "batch_size": 8, "unlabeled_batch_size": 8,
               "steps": 800, "validation_every": 100, "augment": "default"},
     # The task-driven paper's baseline settings (U-Net 16…256, weighted CE, Adam 1e-3, batch 20,
