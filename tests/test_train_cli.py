@@ -196,7 +196,12 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
     assert out["moved"] > 1e-3  # training did change the weights...
-    assert out["max_diff"] < 1e-5  # ...identically on 1 device and on 2 replicas
+    # ...the same way on 1 device and on 2 replicas. Not bit-identically: the two replicas'
+    # gradients are summed in another order, and Adam turns a float32 rounding difference in a
+    # gradient that is ~0 into an update difference of up to lr·sign (seen once: 4e-4 under
+    # load, 1e-2 = lr here); a replica training on other data or a wrong reduction moves weights
+    # by much more after 6 steps. The per-example losses below are compared tightly.
+    assert out["max_diff"] < 2e-3
     # Losses are per-example means, identical however the batch is split. (The gradient norm
     # is per replica, of the replica's local mean loss, so it is not compared.)
     for term in ("loss", "dice_loss", "ce_loss"):
