@@ -220,19 +220,6 @@ def record_network_calls(method: keras.Model, batch: Any) -> tuple[list[NetworkC
     return trace.calls, trace.concrete
 
 
-def _first_output_shape(call: NetworkCall) -> list[int]:
-    """Shape of the call's first output (in `tf.nest.flatten` order, as the reference uses)."""
-    if call._output_tensors:
-        return list(call._output_tensors[0].shape)
-    shape = call.network.compute_output_shape(
-        tuple(call.input_shapes[0]) if len(call.input_shapes) == 1
-        else [tuple(s) for s in call.input_shapes])
-    while isinstance(shape, dict) or (isinstance(shape, (list, tuple)) and shape
-                                      and not isinstance(shape[0], (int, type(None)))):
-        shape = tf.nest.flatten(shape)[0] if isinstance(shape, dict) else shape[0]
-    return list(shape)
-
-
 def reference_step(method: keras.Model, calls: Sequence[NetworkCall] | StepTrace,
                    class_weights: Sequence[float] | None = None, batch: Any = None,
                    seed: int = 0) -> Callable[[], Any]:
@@ -268,7 +255,7 @@ def reference_step(method: keras.Model, calls: Sequence[NetworkCall] | StepTrace
         inputs.append([tf.cast(images[tuple(s)], tf.float32) if tuple(s) in images else
                        tf.constant(rng.standard_normal(s).astype(np.float32))
                        for s in call.input_shapes])
-        shapes = [list(t.shape) for t in call._output_tensors] or [_first_output_shape(call)]
+        shapes = [list(t.shape) for t in call._output_tensors]
         labels.append([])
         for output_shape in shapes:
             segmentation = output_shape[-1] == num_outputs and len(output_shape) >= 4

@@ -208,17 +208,22 @@ class RunSpec:
             argv.append(f"--test_seed={config.test_seed}")
         argv += target_flags(config)
         offsets = [int(item.partition("=")[2]) for item in self.overrides
-                   if item.partition("=")[0].strip() == "seed_offset"]
+                   if _setting_name(item) == "seed_offset"]
         if offsets:  # the last one wins, as for absl flags
             argv[argv.index(f"--seed={self.seed}")] = f"--seed={self.seed + offsets[-1]}"
         argv += [f"--{item}" if is_train_setting(item) else f"--set={item}"
-                 for item in self.overrides if item.partition("=")[0].strip() != "seed_offset"]
+                 for item in self.overrides if _setting_name(item) != "seed_offset"]
         return argv
+
+
+def _setting_name(item: str) -> str:
+    """The name of a "name=value" override."""
+    return item.partition("=")[0].strip()
 
 
 def is_train_setting(item: str) -> bool:
     """Whether a "name=value" override is a launch.train flag (`TRAIN_SETTINGS`)."""
-    return item.partition("=")[0].strip() in TRAIN_SETTINGS
+    return _setting_name(item) in TRAIN_SETTINGS
 
 
 def target_request(config: StudyConfig) -> dict[str, Any] | None:
